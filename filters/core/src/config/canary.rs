@@ -1,0 +1,414 @@
+//! The canary filter's pluginConfig.
+//!
+//! ```json
+//! {
+//!   "splits": [{
+//!     "model": "digits-mlp",
+//!     "versions": [{"name": "1", "weight": 90}, {"name": "2", "weight": 10}],
+//!     "schedule": {
+//!       "start": "2026-12-01T09:00:00Z",
+//!       "steps": [{"after_s": 0, "weights": {"2": 1}},
+//!                 {"after_s": 3600, "weights": {"2": 5}}]
+//!     }
+//!   }],
+//!   "sticky_key": [{"header": "x-user-id"}, {"cookie": "uid"}],
+//!   "override_header": "x-canary-version",
+//!   "trust_downstream_headers": false,
+//!   "served_by_header": true
+//! }
+//! ```
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+use super::{check_header_name, check_name, from_json, ConfigError};
+use crate::headers;
+use crate::schedule::{parse_rfc3339, Schedule, Step};
+use crate::weights::{max_canary_weight, Bp, Weights, WeightsError};
+
+/// Upper bounds that keep a config (and the metrics it defines) bounded.
+pub const MAX_SPLITS: usize = 256;
+pub const MAX_VERSIONS: usize = 16;
+pub const MAX_STEPS: usize = 1_000;
+pub const MAX_KEY_SOURCES: usize = 8;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    splits: Vec<RawSplit>,
+    #[serde(default)]
+    sticky_key: Vec<RawKeySource>,
+    #[serde(default)]
+    override_header: Option<String>,
+    #[serde(default)]
+    trust_downstream_headers: bool,
+    #[serde(default = "yes")]
+    served_by_header: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSplit {
+    model: String,
+    versions: Vec<RawVersion>,
+    #[serde(default)]
+    schedule: Option<RawSchedule>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVersion {
+    name: String,
+    weight: f64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSchedule {
+    start: String,
+    steps: Vec<RawStep>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStep {
+    after_s: u64,
+    weights: BTreeMap<String, f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+enum RawKeySource {
+    Header(String),
+    Cookie(String),
+}
+
+/// Where a sticky key is read from, tried in config order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    Header(String),
+    Cookie(String),
+}
+
+/// A validated canary config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CanaryConfig {
+    pub splits: Vec<Split>,
+    pub sticky_key: Vec<KeySource>,
+    /// `None` disables overrides.
+    pub override_header: Option<String>,
+    pub trust_downstream_headers: bool,
+    pub served_by_header: bool,
+}
+
+/// One model's split. Invariants: ≥ 2 versions with unique names; the base
+/// weights and every step's weights are valid [`Weights`] over them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Split {
+    pub model: String,
+    /// Version names; index 0 is the baseline (stable).
+    pub versions: Vec<String>,
+    pub base: Weights,
+    pub schedule: Option<Schedule>,
+}
+
+impl Split {
+    /// The weights in force at `now_ms`.
+    pub fn weights_at(&self, now_ms: u64) -> &Weights {
+        match &self.schedule {
+            Some(s) => s.weights_at(&self.base, now_ms),
+            None => &self.base,
+        }
+    }
+
+    /// Index of a version by name (bytes, as read from a header).
+    pub fn version_index(&self, name: &[u8]) -> Option<usize> {
+        self.versions.iter().position(|v| v.as_bytes() == name)
+    }
+}
+
+impl CanaryConfig {
+    /// The split for `model`, if any.
+    pub fn split_index(&self, model: &[u8]) -> Option<usize> {
+        self.splits.iter().position(|s| s.model.as_bytes() == model)
+    }
+}
+
+/// Parses and validates a canary pluginConfig.
+pub fn parse(bytes: &[u8]) -> Result<CanaryConfig, ConfigError> {
+    let raw: RawConfig = from_json(bytes)?;
+    validate(raw)
+}
+
+fn validate(raw: RawConfig) -> Result<CanaryConfig, ConfigError> {
+    if raw.splits.is_empty() {
+        return Err(ConfigError::new("splits", "at least one split is required"));
+    }
+    if raw.splits.len() > MAX_SPLITS {
+        return Err(ConfigError::new(
+            "splits",
+            format!("{} splits, the limit is {MAX_SPLITS}", raw.splits.len()),
+        ));
+    }
+    let mut splits: Vec<Split> = Vec::with_capacity(raw.splits.len());
+    for (i, s) in raw.splits.into_iter().enumerate() {
+        let split = validate_split(&format!("splits[{i}]"), s)?;
+        if splits.iter().any(|o| o.model == split.model) {
+            return Err(ConfigError::new(
+                format!("splits[{i}].model"),
+                format!("model {:?} has more than one split", split.model),
+            ));
+        }
+        splits.push(split);
+    }
+
+    if raw.sticky_key.len() > MAX_KEY_SOURCES {
+        return Err(ConfigError::new(
+            "sticky_key",
+            format!(
+                "{} sources, the limit is {MAX_KEY_SOURCES}",
+                raw.sticky_key.len()
+            ),
+        ));
+    }
+    let mut sticky_key = Vec::with_capacity(raw.sticky_key.len());
+    for (i, src) in raw.sticky_key.into_iter().enumerate() {
+        sticky_key.push(match src {
+            RawKeySource::Header(h) => {
+                let path = format!("sticky_key[{i}].header");
+                check_header_name(&path, &h)?;
+                not_owned(&path, &h)?;
+                if h == "cookie" {
+                    return Err(ConfigError::new(
+                        path,
+                        "use {\"cookie\": NAME} to key on one cookie, not the whole cookie header",
+                    ));
+                }
+                KeySource::Header(h)
+            }
+            RawKeySource::Cookie(c) => {
+                let path = format!("sticky_key[{i}].cookie");
+                let ok = !c.is_empty()
+                    && c.len() <= 256
+                    && c.bytes()
+                        .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b));
+                if !ok {
+                    return Err(ConfigError::new(
+                        path,
+                        format!("{c:?} is not a cookie name"),
+                    ));
+                }
+                KeySource::Cookie(c)
+            }
+        });
+    }
+
+    let override_header = match raw.override_header {
+        None => Some(headers::DEFAULT_OVERRIDE.to_owned()),
+        Some(h) if h.is_empty() => None,
+        Some(h) => {
+            check_header_name("override_header", &h)?;
+            not_owned("override_header", &h)?;
+            Some(h)
+        }
+    };
+
+    Ok(CanaryConfig {
+        splits,
+        sticky_key,
+        override_header,
+        trust_downstream_headers: raw.trust_downstream_headers,
+        served_by_header: raw.served_by_header,
+    })
+}
+
+fn not_owned(path: &str, header: &str) -> Result<(), ConfigError> {
+    if headers::is_owned(header) {
+        return Err(ConfigError::new(
+            path,
+            format!(
+                "{header:?} starts with {:?}: those headers are removed from downstream requests",
+                headers::PREFIX
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn validate_split(path: &str, raw: RawSplit) -> Result<Split, ConfigError> {
+    check_name(&format!("{path}.model"), &raw.model)?;
+    if raw.versions.len() < 2 {
+        return Err(ConfigError::new(
+            format!("{path}.versions"),
+            format!(
+                "{} version(s): a split needs at least two",
+                raw.versions.len()
+            ),
+        ));
+    }
+    if raw.versions.len() > MAX_VERSIONS {
+        return Err(ConfigError::new(
+            format!("{path}.versions"),
+            format!(
+                "{} versions, the limit is {MAX_VERSIONS}",
+                raw.versions.len()
+            ),
+        ));
+    }
+    let mut names: Vec<String> = Vec::with_capacity(raw.versions.len());
+    let mut base = Vec::with_capacity(raw.versions.len());
+    for (i, v) in raw.versions.into_iter().enumerate() {
+        let vpath = format!("{path}.versions[{i}]");
+        check_name(&format!("{vpath}.name"), &v.name)?;
+        if names.contains(&v.name) {
+            return Err(ConfigError::new(
+                format!("{vpath}.name"),
+                format!("version {:?} is listed twice", v.name),
+            ));
+        }
+        base.push(percent_to_bp(&format!("{vpath}.weight"), v.weight)?);
+        names.push(v.name);
+    }
+    let base = weights(&format!("{path}.versions"), base, &names)?;
+
+    let schedule = match raw.schedule {
+        None => None,
+        Some(s) => Some(validate_schedule(&format!("{path}.schedule"), s, &names)?),
+    };
+    Ok(Split {
+        model: raw.model,
+        versions: names,
+        base,
+        schedule,
+    })
+}
+
+fn validate_schedule(
+    path: &str,
+    raw: RawSchedule,
+    names: &[String],
+) -> Result<Schedule, ConfigError> {
+    let start_ms = parse_rfc3339(&raw.start).ok_or_else(|| {
+        ConfigError::new(
+            format!("{path}.start"),
+            format!(
+                "{:?} is not an RFC 3339 time such as 2026-12-01T09:00:00Z",
+                raw.start
+            ),
+        )
+    })?;
+    if raw.steps.is_empty() {
+        return Err(ConfigError::new(
+            format!("{path}.steps"),
+            "a schedule needs at least one step",
+        ));
+    }
+    if raw.steps.len() > MAX_STEPS {
+        return Err(ConfigError::new(
+            format!("{path}.steps"),
+            format!("{} steps, the limit is {MAX_STEPS}", raw.steps.len()),
+        ));
+    }
+    let mut steps: Vec<Step> = Vec::with_capacity(raw.steps.len());
+    for (i, step) in raw.steps.into_iter().enumerate() {
+        let spath = format!("{path}.steps[{i}]");
+        let offset_ms = step
+            .after_s
+            .checked_mul(1000)
+            .and_then(|o| o.checked_add(start_ms));
+        let Some(at_ms) = offset_ms else {
+            return Err(ConfigError::new(
+                format!("{spath}.after_s"),
+                "too far in the future",
+            ));
+        };
+        if let Some(prev) = steps.last() {
+            if at_ms <= prev.at_ms {
+                return Err(ConfigError::new(
+                    format!("{spath}.after_s"),
+                    "steps must be in strictly increasing after_s order",
+                ));
+            }
+        }
+        let mut bp = vec![0; names.len()];
+        for (name, w) in &step.weights {
+            let wpath = format!("{spath}.weights.{name}");
+            let Some(slot) = names
+                .iter()
+                .position(|n| n == name)
+                .and_then(|i| bp.get_mut(i))
+            else {
+                return Err(ConfigError::new(
+                    wpath,
+                    format!("{name:?} is not one of the split's versions {names:?}"),
+                ));
+            };
+            *slot = percent_to_bp(&wpath, *w)?;
+        }
+        // The baseline takes whatever the canaries leave, so a step can
+        // name only the canaries: {"2": 5} means 95/5.
+        if !step
+            .weights
+            .contains_key(names.first().map_or("", String::as_str))
+        {
+            let canaries: Bp = bp.iter().skip(1).sum();
+            if let Some(b) = bp.first_mut() {
+                *b = crate::hash::BUCKETS.saturating_sub(canaries);
+            }
+        }
+        let weights = weights(&format!("{spath}.weights"), bp, names)?;
+        steps.push(Step { at_ms, weights });
+    }
+    Schedule::new(steps)
+        .ok_or_else(|| ConfigError::new(format!("{path}.steps"), "steps are not in order"))
+}
+
+/// A weight in percent with at most two decimals, as basis points.
+fn percent_to_bp(path: &str, w: f64) -> Result<Bp, ConfigError> {
+    if !w.is_finite() || !(0.0..=100.0).contains(&w) {
+        return Err(ConfigError::new(
+            path,
+            format!("{w} is not a percentage between 0 and 100"),
+        ));
+    }
+    let scaled = w * 100.0;
+    let rounded = scaled.round();
+    if (scaled - rounded).abs() > 1e-6 {
+        return Err(ConfigError::new(
+            path,
+            format!("{w}: weights have at most two decimals (0.01% steps)"),
+        ));
+    }
+    // 0 ≤ rounded ≤ 10 000, so the conversion is exact.
+    Ok(rounded as Bp)
+}
+
+fn weights(path: &str, bp: Vec<Bp>, names: &[String]) -> Result<Weights, ConfigError> {
+    Weights::new(bp).map_err(|e| match e {
+        WeightsError::TooFew(n) => ConfigError::new(path, format!("{n} version(s): a split needs at least two")),
+        WeightsError::Sum(sum) => ConfigError::new(
+            path,
+            format!("weights sum to {}%, not 100%", f64::from(sum) / 100.0),
+        ),
+        WeightsError::SlotOverflow { index, weight, slot } => ConfigError::new(
+            path,
+            format!(
+                "canary {:?} has {}%, but with {} canaries each can take at most {}% \
+                 (canaries draw only from the baseline {:?}, so a growing canary never takes users from another)",
+                names.get(index).map_or("?", String::as_str),
+                f64::from(weight) / 100.0,
+                names.len() - 1,
+                f64::from(slot.min(max_canary_weight(names.len() - 1))) / 100.0,
+                names.first().map_or("?", String::as_str),
+            ),
+        ),
+    })
+}
+
+#[cfg(test)]
+mod tests;

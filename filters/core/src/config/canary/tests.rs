@@ -1,0 +1,136 @@
+use super::*;
+
+fn err(json: &str) -> ConfigError {
+    match parse(json.as_bytes()) {
+        Ok(c) => panic!("accepted {json}: {c:?}"),
+        Err(e) => e,
+    }
+}
+
+const GOOD: &str = r#"{
+  "splits": [{
+    "model": "digits-mlp",
+    "versions": [{"name": "1", "weight": 90}, {"name": "2", "weight": 10}],
+    "schedule": {"start": "2026-12-01T09:00:00Z",
+                 "steps": [{"after_s": 0, "weights": {"2": 1}},
+                           {"after_s": 600, "weights": {"1": 75, "2": 25}}]}
+  }, {
+    "model": "tiny-cnn",
+    "versions": [{"name": "a", "weight": 70}, {"name": "b", "weight": 20}, {"name": "c", "weight": 10}]
+  }],
+  "sticky_key": [{"header": "x-user-id"}, {"cookie": "uid"}],
+  "override_header": "x-test-version"
+}"#;
+
+#[test]
+fn parses_a_full_config() {
+    let c = parse(GOOD.as_bytes()).unwrap();
+    assert_eq!(c.splits.len(), 2);
+    let s = &c.splits[0];
+    assert_eq!(s.versions, ["1", "2"]);
+    assert_eq!(s.base.as_bp(), [9_000, 1_000]);
+    let sched = s.schedule.as_ref().unwrap();
+    let start = parse_rfc3339("2026-12-01T09:00:00Z").unwrap();
+    assert_eq!(sched.steps()[0].at_ms, start);
+    assert_eq!(sched.steps()[0].weights.as_bp(), [9_900, 100]);
+    assert_eq!(sched.steps()[1].at_ms, start + 600_000);
+    assert_eq!(sched.steps()[1].weights.as_bp(), [7_500, 2_500]);
+    assert_eq!(s.weights_at(start - 1).as_bp(), [9_000, 1_000]);
+    assert_eq!(s.weights_at(start + 1).as_bp(), [9_900, 100]);
+    assert_eq!(c.splits[1].base.as_bp(), [7_000, 2_000, 1_000]);
+    assert_eq!(
+        c.sticky_key,
+        [
+            KeySource::Header("x-user-id".into()),
+            KeySource::Cookie("uid".into())
+        ]
+    );
+    assert_eq!(c.override_header.as_deref(), Some("x-test-version"));
+    assert!(!c.trust_downstream_headers);
+    assert!(c.served_by_header);
+}
+
+#[test]
+fn defaults() {
+    let c = parse(br#"{"splits":[{"model":"m","versions":[{"name":"a","weight":50},{"name":"b","weight":50}]}]}"#)
+        .unwrap();
+    assert!(c.sticky_key.is_empty());
+    assert_eq!(
+        c.override_header.as_deref(),
+        Some(headers::DEFAULT_OVERRIDE)
+    );
+    let off = parse(
+        br#"{"override_header":"","splits":[{"model":"m","versions":[{"name":"a","weight":50},{"name":"b","weight":50}]}]}"#,
+    )
+    .unwrap();
+    assert_eq!(off.override_header, None);
+    let fractional = parse(
+        br#"{"splits":[{"model":"m","versions":[{"name":"a","weight":99.75},{"name":"b","weight":0.25}]}]}"#,
+    )
+    .unwrap();
+    assert_eq!(fractional.splits[0].base.as_bp(), [9_975, 25]);
+}
+
+#[test]
+fn every_bad_field_is_named() {
+    let v2 = r#"[{"name":"a","weight":90},{"name":"b","weight":10}]"#;
+    let cases: Vec<(String, &str, &str)> = vec![
+        ("".into(), ".", "missing field `splits`"),
+        ("{}".into(), ".", "missing field `splits`"),
+        ("[]".into(), ".", "must be a JSON object"),
+        ("{".into(), ".", "EOF"),
+        (r#"{"splits":[]}"#.into(), "splits", "at least one"),
+        (format!(r#"{{"splits":[{{"model":"m","versions":{v2}}}],"bogus":1}}"#), "bogus", "unknown field `bogus`"),
+        (format!(r#"{{"splits":[{{"model":"m","versions":{v2},"extra":true}}]}}"#), "splits[0].extra", "unknown field `extra`"),
+        (r#"{"splits":[{"model":"m","versions":[{"name":"a","weight":90,"w":1},{"name":"b","weight":10}]}]}"#.into(), "splits[0].versions[0].w", "unknown field `w`"),
+        (r#"{"splits":[{"model":"m","versions":[{"name":"a","weight":90},{"name":"b","weight":9}]}]}"#.into(), "splits[0].versions", "sum to 99%"),
+        (r#"{"splits":[{"model":"m","versions":[{"name":"a","weight":100}]}]}"#.into(), "splits[0].versions", "at least two"),
+        (r#"{"splits":[{"model":"m","versions":[{"name":"a","weight":50},{"name":"a","weight":50}]}]}"#.into(), "splits[0].versions[1].name", "listed twice"),
+        (r#"{"splits":[{"model":"m","versions":[{"name":"","weight":50},{"name":"b","weight":50}]}]}"#.into(), "splits[0].versions[0].name", "empty"),
+        (r#"{"splits":[{"model":"m","versions":[{"name":"a","weight":-1},{"name":"b","weight":101}]}]}"#.into(), "splits[0].versions[0].weight", "between 0 and 100"),
+        (r#"{"splits":[{"model":"m","versions":[{"name":"a","weight":"90"},{"name":"b","weight":10}]}]}"#.into(), "splits[0].versions[0].weight", "invalid type"),
+        (r#"{"splits":[{"model":"m","versions":[{"name":"a","weight":89.995},{"name":"b","weight":10.005}]}]}"#.into(), "splits[0].versions[0].weight", "two decimals"),
+        (r#"{"splits":[{"model":"m","versions":[{"name":"a","weight":20},{"name":"b","weight":60},{"name":"c","weight":20}]}]}"#.into(), "splits[0].versions", "at most 50%"),
+        (format!(r#"{{"splits":[{{"model":"bad/name","versions":{v2}}}]}}"#), "splits[0].model", "not a valid name"),
+        (format!(r#"{{"splits":[{{"model":"m","versions":{v2}}},{{"model":"m","versions":{v2}}}]}}"#), "splits[1].model", "more than one split"),
+        (format!(r#"{{"splits":[{{"model":"m","versions":{v2},"schedule":{{"start":"tomorrow","steps":[{{"after_s":0,"weights":{{"b":1}}}}]}}}}]}}"#), "splits[0].schedule.start", "RFC 3339"),
+        (format!(r#"{{"splits":[{{"model":"m","versions":{v2},"schedule":{{"start":"2026-12-01T09:00:00Z","steps":[]}}}}]}}"#), "splits[0].schedule.steps", "at least one step"),
+        (format!(r#"{{"splits":[{{"model":"m","versions":{v2},"schedule":{{"start":"2026-12-01T09:00:00Z","steps":[{{"after_s":5,"weights":{{"b":1}}}},{{"after_s":5,"weights":{{"b":2}}}}]}}}}]}}"#), "splits[0].schedule.steps[1].after_s", "increasing"),
+        (format!(r#"{{"splits":[{{"model":"m","versions":{v2},"schedule":{{"start":"2026-12-01T09:00:00Z","steps":[{{"after_s":0,"weights":{{"zz":1}}}}]}}}}]}}"#), "splits[0].schedule.steps[0].weights.zz", "not one of"),
+        (format!(r#"{{"splits":[{{"model":"m","versions":{v2},"schedule":{{"start":"2026-12-01T09:00:00Z","steps":[{{"after_s":0,"weights":{{"a":50,"b":40}}}}]}}}}]}}"#), "splits[0].schedule.steps[0].weights", "sum to 90%"),
+        (format!(r#"{{"splits":[{{"model":"m","versions":{v2},"schedule":{{"start":"2026-12-01T09:00:00Z","steps":[{{"after_s":-1,"weights":{{"b":1}}}}]}}}}]}}"#), "splits[0].schedule.steps[0].after_s", "invalid value"),
+        (format!(r#"{{"splits":[{{"model":"m","versions":{v2},"schedule":{{"start":"2026-12-01T09:00:00Z","steps":[{{"after_s":18446744073709551615,"weights":{{"b":1}}}}]}}}}]}}"#), "splits[0].schedule.steps[0].after_s", "future"),
+        (format!(r#"{{"splits":[{{"model":"m","versions":{v2}}}],"sticky_key":[{{"header":"X-User"}}]}}"#), "sticky_key[0].header", "lower-case"),
+        (format!(r#"{{"splits":[{{"model":"m","versions":{v2}}}],"sticky_key":[{{"header":"x-infermesh-user"}}]}}"#), "sticky_key[0].header", "removed from downstream"),
+        (format!(r#"{{"splits":[{{"model":"m","versions":{v2}}}],"sticky_key":[{{"cookie":"a;b"}}]}}"#), "sticky_key[0].cookie", "not a cookie name"),
+        (format!(r#"{{"splits":[{{"model":"m","versions":{v2}}}],"sticky_key":[{{"ip":"x"}}]}}"#), "sticky_key[0]", "unknown variant `ip`"),
+        (format!(r#"{{"splits":[{{"model":"m","versions":{v2}}}],"sticky_key":[{{"header":"cookie"}}]}}"#), "sticky_key[0].header", "cookie"),
+        (format!(r#"{{"splits":[{{"model":"m","versions":{v2}}}],"override_header":"x-infermesh-version"}}"#), "override_header", "removed from downstream"),
+        (format!(r#"{{"splits":[{{"model":"m","versions":{v2}}}],"trust_downstream_headers":"yes"}}"#), "trust_downstream_headers", "invalid type"),
+        (format!(r#"{{"splits":[{{"model":"m","versions":{v2}}}]}} trailing"#), ".", "trailing"),
+    ];
+    for (json, path, needle) in cases {
+        let e = err(&json);
+        assert_eq!(e.path, path, "{json}\n=> {e}");
+        assert!(
+            e.to_string().contains(needle),
+            "{json}\n=> {e} (wanted {needle:?})"
+        );
+    }
+}
+
+#[test]
+fn size_and_count_limits() {
+    let big = vec![b' '; crate::config::MAX_CONFIG_BYTES + 1];
+    assert!(err(std::str::from_utf8(&big).unwrap())
+        .message
+        .contains("limit"));
+    let versions: Vec<String> = (0..=MAX_VERSIONS)
+        .map(|i| format!(r#"{{"name":"v{i}","weight":0}}"#))
+        .collect();
+    let json = format!(
+        r#"{{"splits":[{{"model":"m","versions":[{}]}}]}}"#,
+        versions.join(",")
+    );
+    assert_eq!(err(&json).path, "splits[0].versions");
+}
