@@ -80,7 +80,14 @@ impl RootContext for CanaryRoot {
                 return false;
             }
         };
-        let seed = now_ms(self) ^ u64::from(std::process::id());
+        // Seed per VM from the clock's nanoseconds (std::process::id panics
+        // on WASI). Only unkeyed requests use it: no fairness depends on it
+        // beyond a uniform spread.
+        let seed = self
+            .get_current_time()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
         let has_schedule = cfg.splits.iter().any(|s| s.schedule.is_some());
         self.steps = vec![None; cfg.splits.len()];
         let shared = Rc::new(Shared {
