@@ -1,0 +1,322 @@
+//! Dynamic batching for one model version: admit up to `capacity`
+//! outstanding requests, coalesce queued requests into one engine run (up
+//! to the preferred batch size or until the batching delay ends), run it on
+//! a blocking thread and hand each request its own rows back.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+use crate::engine::{Engine, EngineError, Tensor};
+use crate::metrics::Metrics;
+use crate::model_repo::Batching;
+use crate::tensor::Data;
+
+/// Why a submitted request got no result.
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    #[error("queue of model {model} version {version} is full")]
+    QueueFull { model: String, version: String },
+    #[error("model version was unloaded before the request ran")]
+    Closed,
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+/// One request's inputs: all share `rows` as their first dimension when
+/// the model batches.
+struct Job {
+    inputs: Vec<Tensor>,
+    rows: usize,
+    enqueued: Instant,
+    reply: oneshot::Sender<Result<Vec<Tensor>, BatchError>>,
+    _admission: OwnedSemaphorePermit,
+}
+
+/// Handle to a model version's batcher. Dropping every handle lets the
+/// batcher finish what is queued and stop.
+pub struct Batcher {
+    tx: mpsc::Sender<Job>,
+    admission: Arc<Semaphore>,
+    model: String,
+    version: String,
+}
+
+impl std::fmt::Debug for Batcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batcher").field("model", &self.model).finish()
+    }
+}
+
+/// How one version's requests are grouped.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    /// 0: the model has no batch dimension; every request runs alone.
+    pub max_batch_size: usize,
+    pub batching: Option<Batching>,
+    /// Requests admitted (queued or running) at most.
+    pub capacity: usize,
+    /// Engine runs of this version at the same time.
+    pub instances: usize,
+}
+
+impl Batcher {
+    /// Starts the batcher task on the current runtime.
+    pub fn spawn(
+        engine: Arc<Engine>,
+        policy: Policy,
+        metrics: Metrics,
+        model: &str,
+        version: &str,
+    ) -> Batcher {
+        let capacity = policy.capacity.max(1);
+        let (tx, rx) = mpsc::channel(capacity);
+        let labels = [model.to_string(), version.to_string()];
+        tokio::spawn(run_loop(engine, policy, metrics, labels, rx));
+        Batcher {
+            tx,
+            admission: Arc::new(Semaphore::new(capacity)),
+            model: model.to_string(),
+            version: version.to_string(),
+        }
+    }
+
+    /// Queues a request and waits for its outputs. Fails at once with
+    /// `QueueFull` when `capacity` requests are outstanding.
+    pub async fn submit(&self, inputs: Vec<Tensor>, rows: usize) -> Result<Vec<Tensor>, BatchError> {
+        let permit = self
+            .admission
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| BatchError::QueueFull {
+                model: self.model.clone(),
+                version: self.version.clone(),
+            })?;
+        let (reply, rx) = oneshot::channel();
+        let job = Job {
+            inputs,
+            rows,
+            enqueued: Instant::now(),
+            reply,
+            _admission: permit,
+        };
+        // The channel holds as many jobs as there are permits, so this only
+        // fails when the batcher is gone.
+        self.tx.try_send(job).map_err(|_| BatchError::Closed)?;
+        rx.await.map_err(|_| BatchError::Closed)?
+    }
+}
+
+async fn run_loop(
+    engine: Arc<Engine>,
+    policy: Policy,
+    metrics: Metrics,
+    labels: [String; 2],
+    mut rx: mpsc::Receiver<Job>,
+) {
+    let instances = Arc::new(Semaphore::new(policy.instances.max(1)));
+    let max_rows = policy.max_batch_size.max(1);
+    let (preferred, delay) = match (policy.max_batch_size, policy.batching) {
+        (0, _) => (1, Duration::ZERO),
+        (_, Some(b)) => (b.preferred_batch_size.max(1), b.max_delay),
+        // Batching without a delay still coalesces what is already queued.
+        (max, None) => (max, Duration::ZERO),
+    };
+    let mut carry: Option<Job> = None;
+    loop {
+        // Wait for a free engine slot first so that, under load, requests
+        // pile up in the queue and form larger batches.
+        let Ok(permit) = instances.clone().acquire_owned().await else {
+            return;
+        };
+        let first = match carry.take() {
+            Some(j) => j,
+            None => match rx.recv().await {
+                Some(j) => j,
+                None => return,
+            },
+        };
+        if first.reply.is_closed() {
+            continue; // timed out while queued
+        }
+        let mut rows = first.rows;
+        let mut batch = vec![first];
+        let deadline = Instant::now() + delay;
+        while rows < preferred && policy.max_batch_size > 0 {
+            let next = match rx.try_recv() {
+                Ok(j) => Some(j),
+                Err(mpsc::error::TryRecvError::Disconnected) => None,
+                Err(mpsc::error::TryRecvError::Empty) if delay.is_zero() => None,
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    tokio::time::timeout_at(deadline, rx.recv()).await.ok().flatten()
+                }
+            };
+            let Some(job) = next else { break };
+            if job.reply.is_closed() {
+                continue;
+            }
+            if rows + job.rows > max_rows {
+                carry = Some(job);
+                break;
+            }
+            rows += job.rows;
+            batch.push(job);
+        }
+        let engine = engine.clone();
+        let metrics = metrics.clone();
+        let labels = labels.clone();
+        let batched = policy.max_batch_size > 0;
+        tokio::spawn(async move {
+            run_batch(engine, batch, rows, batched, &metrics, &labels).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn run_batch(
+    engine: Arc<Engine>,
+    batch: Vec<Job>,
+    rows: usize,
+    batched: bool,
+    metrics: &Metrics,
+    labels: &[String; 2],
+) {
+    let labels = [labels[0].as_str(), labels[1].as_str()];
+    let now = Instant::now();
+    for job in &batch {
+        metrics
+            .queue_duration
+            .with_label_values(&labels)
+            .observe(now.duration_since(job.enqueued).as_secs_f64());
+    }
+    metrics
+        .batch_size
+        .with_label_values(&labels)
+        .observe(rows as f64);
+
+    let mut replies = Vec::with_capacity(batch.len());
+    let mut row_counts = Vec::with_capacity(batch.len());
+    let inputs = if batch.len() == 1 {
+        let mut batch = batch;
+        let Some(job) = batch.pop() else { return };
+        replies.push(job.reply);
+        row_counts.push(job.rows);
+        job.inputs
+    } else {
+        let n_inputs = batch.first().map_or(0, |j| j.inputs.len());
+        let mut merged = Vec::with_capacity(n_inputs);
+        for i in 0..n_inputs {
+            let parts: Vec<&Data> = batch.iter().filter_map(|j| j.inputs.get(i)).map(|t| &t.data).collect();
+            let Some(first) = batch.first().and_then(|j| j.inputs.get(i)) else { return };
+            let mut shape = first.shape.clone();
+            if let Some(d0) = shape.first_mut() {
+                *d0 = rows;
+            }
+            match Data::concat(&parts) {
+                Ok(data) => merged.push(Tensor { shape, data }),
+                Err(e) => {
+                    let msg = e.to_string();
+                    for job in batch {
+                        let _ = job
+                            .reply
+                            .send(Err(EngineError::Output(msg.clone()).into()));
+                    }
+                    return;
+                }
+            }
+        }
+        for job in batch {
+            replies.push(job.reply);
+            row_counts.push(job.rows);
+        }
+        merged
+    };
+
+    let started = std::time::Instant::now();
+    let result = tokio::task::spawn_blocking(move || engine.run(inputs)).await;
+    metrics
+        .compute_duration
+        .with_label_values(&labels)
+        .observe(started.elapsed().as_secs_f64());
+    let outputs = match result {
+        Ok(Ok(o)) => o,
+        Ok(Err(e)) => {
+            let msg = e.to_string();
+            tracing::warn!(model = labels[0], version = labels[1], error = ?e, "engine run failed");
+            for r in replies {
+                let _ = r.send(Err(EngineError::Output(msg.clone()).into()));
+            }
+            return;
+        }
+        Err(_) => {
+            tracing::error!(model = labels[0], version = labels[1], "engine run panicked");
+            for r in replies {
+                let _ = r.send(Err(EngineError::Output("engine run panicked".into()).into()));
+            }
+            return;
+        }
+    };
+    if replies.len() == 1 && !batched {
+        if let Some(r) = replies.pop() {
+            let _ = r.send(Ok(outputs));
+        }
+        return;
+    }
+    let split = split_rows(&outputs, &row_counts, rows);
+    match split {
+        Ok(per_job) => {
+            for (r, out) in replies.into_iter().zip(per_job) {
+                let _ = r.send(Ok(out));
+            }
+        }
+        Err(msg) => {
+            tracing::error!(model = labels[0], version = labels[1], reason = %msg, "cannot split batch");
+            for r in replies {
+                let _ = r.send(Err(EngineError::Output(msg.clone()).into()));
+            }
+        }
+    }
+}
+
+/// Splits batched outputs by rows; every output must have `rows` as its
+/// first dimension.
+fn split_rows(outputs: &[Tensor], row_counts: &[usize], rows: usize) -> Result<Vec<Vec<Tensor>>, String> {
+    let mut per_job: Vec<Vec<Tensor>> = row_counts.iter().map(|_| Vec::with_capacity(outputs.len())).collect();
+    for out in outputs {
+        if out.shape.first() != Some(&rows) {
+            return Err(format!("output shape {:?} does not start with the batch size {rows}", out.shape));
+        }
+        let row_len: usize = out.shape.iter().skip(1).product();
+        let mut start = 0;
+        for (job, n) in per_job.iter_mut().zip(row_counts) {
+            let end = start + n * row_len;
+            let mut shape = out.shape.clone();
+            if let Some(d0) = shape.first_mut() {
+                *d0 = *n;
+            }
+            job.push(Tensor { shape, data: out.data.slice(start, end) });
+            start = end;
+        }
+    }
+    Ok(per_job)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_rows_hands_each_request_its_rows() {
+        let out = Tensor { shape: vec![3, 2], data: Data::F32(vec![0., 1., 2., 3., 4., 5.]) };
+        let label = Tensor { shape: vec![3], data: Data::I64(vec![7, 8, 9]) };
+        let split = split_rows(&[out, label], &[1, 2], 3).unwrap();
+        assert_eq!(split[0][0].data, Data::F32(vec![0., 1.]));
+        assert_eq!(split[1][0].shape, vec![2, 2]);
+        assert_eq!(split[1][0].data, Data::F32(vec![2., 3., 4., 5.]));
+        assert_eq!(split[1][1].data, Data::I64(vec![8, 9]));
+        let bad = Tensor { shape: vec![1, 2], data: Data::F32(vec![0., 1.]) };
+        assert!(split_rows(&[bad], &[1, 2], 3).is_err());
+    }
+}

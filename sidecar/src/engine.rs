@@ -1,0 +1,384 @@
+//! The only module that imports tract: load an ONNX file, fix its input
+//! facts (with a symbolic batch dimension), optimise once, run.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_hir::infer::Factoid;
+
+use crate::model_repo::{ModelConfig, TensorSpec};
+use crate::tensor::{Data, DataType};
+
+/// Loading or running a model failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The ONNX file cannot be parsed or optimised by tract.
+    #[error("model cannot be loaded by the engine")]
+    Load(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The model and its config.json disagree, or the model has a shape
+    /// this server cannot serve. The text is safe to show to clients.
+    #[error("{0}")]
+    Signature(String),
+    /// A run failed inside tract.
+    #[error("engine failed")]
+    Run(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// tract produced something the signature did not announce.
+    #[error("engine produced an unexpected output")]
+    Output(String),
+}
+
+fn boxed(e: TractError) -> Box<dyn std::error::Error + Send + Sync> {
+    e.into()
+}
+
+/// What a loaded model takes and returns, in OIP terms.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Signature {
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+    /// 0 when the model has no batch dimension.
+    pub max_batch_size: usize,
+}
+
+/// One input or output tensor: shape and flat data.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tensor {
+    pub shape: Vec<usize>,
+    pub data: Data,
+}
+
+/// An optimised, runnable model. Cheap to share; runs may overlap.
+pub struct Engine {
+    plan: Arc<TypedRunnableModel>,
+    signature: Signature,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("signature", &self.signature)
+            .finish()
+    }
+}
+
+fn to_datum(dt: DataType) -> DatumType {
+    match dt {
+        DataType::Bool => bool::datum_type(),
+        DataType::U8 => u8::datum_type(),
+        DataType::U16 => u16::datum_type(),
+        DataType::U32 => u32::datum_type(),
+        DataType::U64 => u64::datum_type(),
+        DataType::I8 => i8::datum_type(),
+        DataType::I16 => i16::datum_type(),
+        DataType::I32 => i32::datum_type(),
+        DataType::I64 => i64::datum_type(),
+        DataType::F16 => f16::datum_type(),
+        DataType::F32 => f32::datum_type(),
+        DataType::F64 => f64::datum_type(),
+        DataType::Bytes => String::datum_type(),
+    }
+}
+
+fn from_datum(dt: DatumType) -> Option<DataType> {
+    Some(match dt {
+        DatumType::Bool => DataType::Bool,
+        DatumType::U8 => DataType::U8,
+        DatumType::U16 => DataType::U16,
+        DatumType::U32 => DataType::U32,
+        DatumType::U64 => DataType::U64,
+        DatumType::I8 => DataType::I8,
+        DatumType::I16 => DataType::I16,
+        DatumType::I32 => DataType::I32,
+        DatumType::I64 => DataType::I64,
+        DatumType::F16 => DataType::F16,
+        DatumType::F32 => DataType::F32,
+        DatumType::F64 => DataType::F64,
+        DatumType::String => DataType::Bytes,
+        // tract types integer shape arithmetic (ArgMax, Shape, ...) as
+        // symbolic dims; they are plain i64 once computed.
+        DatumType::TDim => DataType::I64,
+        _ => return None,
+    })
+}
+
+impl Engine {
+    /// Loads `path`, checks it against `config`, optimises it for a batch
+    /// dimension `N` in `1..=max_batch_size` (one plan for all sizes).
+    pub fn load(path: &Path, config: &ModelConfig) -> Result<Engine, EngineError> {
+        let mut model = tract_onnx::onnx()
+            .model_for_path(path)
+            .map_err(|e| EngineError::Load(boxed(e)))?;
+        let n_inputs = model.input_outlets().map_err(|e| EngineError::Load(boxed(e)))?.len();
+        let input_names: Vec<String> = (0..n_inputs)
+            .map(|i| outlet_name(&model, true, i))
+            .collect::<Result<_, _>>()?;
+
+        let mut max_batch_size = config.max_batch_size;
+        let inputs: Vec<TensorSpec> = match &config.inputs {
+            Some(specs) => {
+                if specs.len() != n_inputs {
+                    return Err(EngineError::Signature(format!(
+                        "config.json declares {} inputs, the model has {n_inputs}",
+                        specs.len()
+                    )));
+                }
+                // Order follows the model; the config may list them in any order.
+                let mut ordered = Vec::with_capacity(n_inputs);
+                for (i, name) in input_names.iter().enumerate() {
+                    let spec = specs.iter().find(|s| &s.name == name).ok_or_else(|| {
+                        EngineError::Signature(format!(
+                            "model input {name:?} is not declared in config.json inputs"
+                        ))
+                    })?;
+                    let fact = model.input_fact(i).map_err(|e| EngineError::Load(boxed(e)))?;
+                    if let Some(dt) = fact.datum_type.concretize() {
+                        if dt != to_datum(spec.datatype) {
+                            return Err(EngineError::Signature(format!(
+                                "input {name:?}: config.json says {}, the model takes {dt:?}",
+                                spec.datatype
+                            )));
+                        }
+                    }
+                    ordered.push(spec.clone());
+                }
+                ordered
+            }
+            None => {
+                let mut specs = Vec::with_capacity(n_inputs);
+                let mut all_batched = true;
+                for (i, name) in input_names.iter().enumerate() {
+                    let fact = model.input_fact(i).map_err(|e| EngineError::Load(boxed(e)))?;
+                    let dt = fact
+                        .datum_type
+                        .concretize()
+                        .and_then(from_datum)
+                        .ok_or_else(|| {
+                            EngineError::Signature(format!(
+                                "input {name:?} has no usable datatype; declare it in config.json"
+                            ))
+                        })?;
+                    if fact.shape.is_open() {
+                        return Err(EngineError::Signature(format!(
+                            "input {name:?} has an unknown rank; declare it in config.json"
+                        )));
+                    }
+                    let mut shape = Vec::new();
+                    for (j, d) in fact.shape.dims().enumerate() {
+                        match d.concretize().and_then(|d| d.to_i64().ok()) {
+                            Some(v) if v > 0 => shape.push(v),
+                            _ if j == 0 => shape.push(-1),
+                            _ => {
+                                return Err(EngineError::Signature(format!(
+                                    "input {name:?} dimension {j} is not fixed; declare it in config.json"
+                                )))
+                            }
+                        }
+                    }
+                    all_batched &= shape.first() == Some(&-1);
+                    specs.push(TensorSpec { name: name.clone(), datatype: dt, shape });
+                }
+                if !all_batched {
+                    if specs.iter().any(|s| s.shape.first() == Some(&-1)) {
+                        return Err(EngineError::Signature(
+                            "only some inputs have a batch dimension; declare them in config.json".into(),
+                        ));
+                    }
+                    max_batch_size = 0;
+                }
+                specs
+            }
+        };
+
+        let batch = model.symbols.sym("N");
+        for (i, spec) in inputs.iter().enumerate() {
+            let shape: TVec<TDim> = spec
+                .shape
+                .iter()
+                .map(|d| if *d < 0 { batch.clone().into() } else { TDim::from(*d) })
+                .collect();
+            model
+                .set_input_fact(i, InferenceFact::dt_shape(to_datum(spec.datatype), shape))
+                .map_err(|e| EngineError::Load(boxed(e)))?;
+        }
+        if let Some(outs) = &config.outputs {
+            let names: Vec<&str> = outs.iter().map(|o| o.name.as_str()).collect();
+            let n_out = model.output_outlets().map_err(|e| EngineError::Load(boxed(e)))?.len();
+            let model_outs: Vec<String> = (0..n_out)
+                .map(|i| outlet_name(&model, false, i))
+                .collect::<Result<_, _>>()?;
+            if let Some(missing) = names.iter().find(|n| !model_outs.iter().any(|m| m == *n)) {
+                return Err(EngineError::Signature(format!(
+                    "config.json output {missing:?} is not an output of the model"
+                )));
+            }
+            model
+                .select_outputs_by_name(&names)
+                .map_err(|e| EngineError::Load(boxed(e)))?;
+        }
+        let typed = model
+            .into_optimized()
+            .map_err(|e| EngineError::Load(boxed(e)))?;
+
+        let n_out = typed.output_outlets().map_err(|e| EngineError::Load(boxed(e)))?.len();
+        let mut outputs = Vec::with_capacity(n_out);
+        for i in 0..n_out {
+            let name = outlet_name(&typed, false, i)?;
+            let fact = typed.output_fact(i).map_err(|e| EngineError::Load(boxed(e)))?;
+            let dt = from_datum(fact.datum_type).ok_or_else(|| {
+                EngineError::Signature(format!(
+                    "output {name:?} has an unsupported datatype {:?}",
+                    fact.datum_type
+                ))
+            })?;
+            let shape: Vec<i64> = fact
+                .shape
+                .iter()
+                .map(|d| d.to_i64().unwrap_or(-1))
+                .collect();
+            let spec = TensorSpec { name: name.clone(), datatype: dt, shape };
+            let spec = match config.outputs.as_ref().and_then(|o| o.iter().find(|o| o.name == name)) {
+                Some(declared) => {
+                    if declared.datatype != dt {
+                        return Err(EngineError::Signature(format!(
+                            "output {name:?}: config.json says {}, the model returns {dt}",
+                            declared.datatype
+                        )));
+                    }
+                    declared.clone()
+                }
+                None => spec,
+            };
+            outputs.push(spec);
+        }
+        let plan = typed
+            .into_runnable()
+            .map_err(|e| EngineError::Load(boxed(e)))?;
+        Ok(Engine {
+            plan,
+            signature: Signature { inputs, outputs, max_batch_size },
+        })
+    }
+
+    pub fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    /// Runs one (batched) request. Inputs follow `signature().inputs` in
+    /// order and were checked against it; outputs follow `outputs`.
+    /// Blocking: call it from a blocking thread.
+    pub fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, EngineError> {
+        let mut values: TVec<TValue> = TVec::new();
+        for t in inputs {
+            values.push(to_tract(t)?.into_tvalue());
+        }
+        let outs = self.plan.run(values).map_err(|e| EngineError::Run(boxed(e)))?;
+        if outs.len() != self.signature.outputs.len() {
+            return Err(EngineError::Output(format!(
+                "{} outputs, expected {}",
+                outs.len(),
+                self.signature.outputs.len()
+            )));
+        }
+        outs.iter().map(|t| from_tract(t)).collect()
+    }
+}
+
+fn outlet_name<F, O>(model: &Graph<F, O>, input: bool, i: usize) -> Result<String, EngineError>
+where
+    F: Fact + Clone + 'static,
+    O: std::fmt::Debug + std::fmt::Display + AsRef<dyn Op> + AsMut<dyn Op> + Clone + 'static,
+{
+    let outlets = if input {
+        model.input_outlets()
+    } else {
+        model.output_outlets()
+    }
+    .map_err(|e| EngineError::Load(boxed(e)))?;
+    let Some(outlet) = outlets.get(i) else {
+        return Err(EngineError::Signature("model has fewer outlets than expected".into()));
+    };
+    Ok(match model.outlet_label(*outlet) {
+        Some(label) => label.to_string(),
+        None => model.node(outlet.node).name.clone(),
+    })
+}
+
+fn to_tract(t: Tensor) -> Result<tract_onnx::prelude::Tensor, EngineError> {
+    use tract_onnx::prelude::tract_ndarray::{ArrayD, IxDyn};
+    let shape = IxDyn(&t.shape);
+    macro_rules! arr {
+        ($v:expr) => {
+            ArrayD::from_shape_vec(shape, $v)
+                .map(|a| a.into_tensor())
+                .map_err(|e| EngineError::Run(Box::new(e)))
+        };
+    }
+    match t.data {
+        Data::Bool(v) => arr!(v),
+        Data::U8(v) => arr!(v),
+        Data::U16(v) => arr!(v),
+        Data::U32(v) => arr!(v),
+        Data::U64(v) => arr!(v),
+        Data::I8(v) => arr!(v),
+        Data::I16(v) => arr!(v),
+        Data::I32(v) => arr!(v),
+        Data::I64(v) => arr!(v),
+        Data::F16(v) => arr!(v),
+        Data::F32(v) => arr!(v),
+        Data::F64(v) => arr!(v),
+        Data::Bytes(v) => {
+            let strings: Vec<String> = v
+                .into_iter()
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .collect();
+            arr!(strings)
+        }
+    }
+}
+
+fn from_tract(t: &tract_onnx::prelude::Tensor) -> Result<Tensor, EngineError> {
+    let shape = t.shape().to_vec();
+    macro_rules! vec_of {
+        ($t:ty) => {
+            t.to_plain_array_view::<$t>()
+                .map(|a| a.iter().cloned().collect::<Vec<$t>>())
+                .map_err(|e| EngineError::Output(e.to_string()))?
+        };
+    }
+    let data = match t.datum_type() {
+        DatumType::Bool => Data::Bool(vec_of!(bool)),
+        DatumType::U8 => Data::U8(vec_of!(u8)),
+        DatumType::U16 => Data::U16(vec_of!(u16)),
+        DatumType::U32 => Data::U32(vec_of!(u32)),
+        DatumType::U64 => Data::U64(vec_of!(u64)),
+        DatumType::I8 => Data::I8(vec_of!(i8)),
+        DatumType::I16 => Data::I16(vec_of!(i16)),
+        DatumType::I32 => Data::I32(vec_of!(i32)),
+        DatumType::I64 => Data::I64(vec_of!(i64)),
+        DatumType::F16 => Data::F16(vec_of!(f16)),
+        DatumType::F32 => Data::F32(vec_of!(f32)),
+        DatumType::F64 => Data::F64(vec_of!(f64)),
+        DatumType::String => Data::Bytes(
+            t.to_plain_array_view::<String>()
+                .map_err(|e| EngineError::Output(e.to_string()))?
+                .iter()
+                .map(|s| s.as_bytes().to_vec())
+                .collect(),
+        ),
+        DatumType::TDim => {
+            let cast = t
+                .cast_to::<i64>()
+                .map_err(|e| EngineError::Output(e.to_string()))?;
+            Data::I64(
+                cast.to_plain_array_view::<i64>()
+                    .map_err(|e| EngineError::Output(e.to_string()))?
+                    .iter()
+                    .copied()
+                    .collect(),
+            )
+        }
+        other => return Err(EngineError::Output(format!("datatype {other:?}"))),
+    };
+    Ok(Tensor { shape, data })
+}
