@@ -1,0 +1,197 @@
+//! `infermesh explain`: the decision a filter would take for a request,
+//! computed by the same core code the filter runs in Envoy.
+
+use std::fmt::Write as _;
+
+use filter_core::canary::{self, Decision, Request};
+use filter_core::config::canary::CanaryConfig;
+use filter_core::hash::{bucket, BUCKETS};
+use filter_core::{headers, oip};
+
+/// A request as a client would send it.
+#[derive(Debug, Clone, Default)]
+pub struct ExplainRequest {
+    pub path: String,
+    /// Header names lower-cased; values as bytes.
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// Evaluation time (Unix ms) for schedules.
+    pub now_ms: u64,
+}
+
+impl ExplainRequest {
+    fn header(&self, name: &str) -> Option<Vec<u8>> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    }
+}
+
+fn pct(bp: u32) -> String {
+    format!("{:.2}%", f64::from(bp) / 100.0)
+}
+
+/// Explains the canary filter's decision, as text.
+pub fn canary(cfg: &CanaryConfig, req: &ExplainRequest) -> String {
+    let mut out = String::new();
+    let path = req.path.as_bytes();
+    let stripped: Vec<&str> = if cfg.trust_downstream_headers {
+        Vec::new()
+    } else {
+        req.headers
+            .iter()
+            .filter(|(k, _)| headers::is_owned(k))
+            .map(|(k, _)| k.as_str())
+            .collect()
+    };
+    let trusted = |name: &str| {
+        if cfg.trust_downstream_headers {
+            req.header(name)
+        } else {
+            None
+        }
+    };
+    let (trusted_model, trusted_version) = (trusted(headers::MODEL), trusted(headers::VERSION));
+    let override_version = cfg.override_header.as_deref().and_then(|h| req.header(h));
+    let key = canary::sticky_key(&cfg.sticky_key, |h| req.header(h));
+    let creq = Request {
+        path,
+        trusted_model: trusted_model.as_deref(),
+        trusted_version: trusted_version.as_deref(),
+        override_version: override_version.as_deref(),
+        sticky_key: key.as_deref(),
+    };
+    // The random word only matters for unkeyed requests, which are
+    // explained as probabilities below.
+    let decision = canary::decide(cfg, &creq, req.now_ms, 0);
+
+    if !stripped.is_empty() {
+        let _ = writeln!(
+            out,
+            "stripped:  {} (downstream x-infermesh-* headers are not trusted)",
+            stripped.join(", ")
+        );
+    }
+    let model = match (&trusted_model, oip::parse_path(path)) {
+        (Some(m), _) => format!(
+            "{} (trusted {} header)",
+            String::from_utf8_lossy(m),
+            headers::MODEL
+        ),
+        (None, Some(p)) => format!("{} (OIP path)", p.model),
+        (None, None) => "none (not an OIP model path)".to_owned(),
+    };
+    let _ = writeln!(out, "model:     {model}");
+
+    let split = match &decision {
+        Decision::Unmatched => {
+            let _ = writeln!(
+                out,
+                "decision:  untouched: no split for this model; the default route applies"
+            );
+            return out;
+        }
+        Decision::Pinned { split, .. } | Decision::Split { split, .. } => *split,
+    };
+    let Some(s) = cfg.splits.get(split) else {
+        return out;
+    };
+    let weights = s.weights_at(req.now_ms);
+    let shares: Vec<String> = s
+        .versions
+        .iter()
+        .zip(weights.as_bp())
+        .map(|(v, w)| format!("{v}={}", pct(*w)))
+        .collect();
+    let step = match s.schedule.as_ref().map(|sc| sc.active(req.now_ms)) {
+        None => "no schedule".to_owned(),
+        Some(None) => "base weights: the schedule has not started".to_owned(),
+        Some(Some((i, _))) => format!("schedule step {i}"),
+    };
+    let _ = writeln!(
+        out,
+        "split:     splits[{split}]: {} ({step})",
+        shares.join(" ")
+    );
+
+    let version_name = |i: usize| s.versions.get(i).map_or("?", String::as_str);
+    let chosen = match decision {
+        Decision::Unmatched => None,
+        Decision::Pinned {
+            version: Some(v), ..
+        } => {
+            let _ = writeln!(
+                out,
+                "decision:  pinned to version {} by the request; never split",
+                version_name(v)
+            );
+            Some(v)
+        }
+        Decision::Pinned { version: None, .. } => {
+            let _ = writeln!(
+                out,
+                "decision:  the request names a version the split does not list; header left unset, default route"
+            );
+            None
+        }
+        Decision::Split {
+            version,
+            how,
+            override_rejected,
+            ..
+        } => {
+            if override_rejected {
+                let _ = writeln!(
+                    out,
+                    "override:  ignored: {:?} is not a listed version",
+                    String::from_utf8_lossy(override_version.as_deref().unwrap_or_default())
+                );
+            }
+            match how {
+                canary::How::Override => {
+                    let _ = writeln!(
+                        out,
+                        "decision:  version {} (override header)",
+                        version_name(version)
+                    );
+                    Some(version)
+                }
+                canary::How::Keyed => {
+                    let k = key.as_deref().unwrap_or_default();
+                    let _ = writeln!(
+                        out,
+                        "key:       {:?} -> bucket {} of {BUCKETS}",
+                        String::from_utf8_lossy(k),
+                        bucket(&s.model, k)
+                    );
+                    let _ = writeln!(
+                        out,
+                        "decision:  version {} (sticky key)",
+                        version_name(version)
+                    );
+                    Some(version)
+                }
+                canary::How::Unkeyed => {
+                    let _ = writeln!(
+                        out,
+                        "decision:  no sticky key: a random version per request, with the split's weights"
+                    );
+                    None
+                }
+            }
+        }
+    };
+    if let Some(v) = chosen {
+        let _ = writeln!(out, "sets:      {}: {}", headers::VERSION, version_name(v));
+        if cfg.served_by_header {
+            let _ = writeln!(
+                out,
+                "response:  {}: {}/{}",
+                headers::SERVED_BY,
+                s.model,
+                version_name(v)
+            );
+        }
+    }
+    out
+}

@@ -1,0 +1,8 @@
+//! The `infermesh` command line: checks pluginConfig files and manifests
+//! with the filters' own parsers (`validate`) and prints the decision each
+//! filter would take for a request (`explain`), using the same core code
+//! the filters run in Envoy.
+
+pub mod explain;
+pub mod manifest;
+pub mod validate;

@@ -1,0 +1,145 @@
+//! `infermesh`: validate and explain filter configs.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use infermesh::explain::{self, ExplainRequest};
+use infermesh::manifest::Filter;
+use infermesh::validate;
+
+const USAGE: &str = "\
+infermesh: ML model rollout and failover in the service mesh
+
+USAGE:
+  infermesh validate [--filter NAME] PATH...
+      Check pluginConfig files (*.json; the filter is taken from the file
+      name, e.g. canary.json, or --filter) and the pluginConfig of every
+      WasmPlugin in YAML manifests or directories of them, with the
+      filters' own parsers. Exit 1 if any is invalid.
+  infermesh explain --config FILE [--filter NAME] --path PATH
+                    [-H 'name: value']... [--at RFC3339 | --at-ms MS]
+      Print the decision the filter would take for that request.
+
+FILTERS: canary
+";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("validate") => run_validate(args.get(1..).unwrap_or_default()),
+        Some("explain") => run_explain(args.get(1..).unwrap_or_default()),
+        Some("-h" | "--help" | "help") => {
+            print!("{USAGE}");
+            Ok(ExitCode::SUCCESS)
+        }
+        _ => Err(format!("expected a command\n\n{USAGE}")),
+    };
+    match result {
+        Ok(code) => code,
+        Err(msg) => {
+            eprintln!("infermesh: {msg}");
+            ExitCode::from(64)
+        }
+    }
+}
+
+fn filter_arg(name: &str) -> Result<Filter, String> {
+    Filter::from_name(name).ok_or_else(|| format!("unknown filter {name:?} (known: canary)"))
+}
+
+fn run_validate(args: &[String]) -> Result<ExitCode, String> {
+    let mut filter = None;
+    let mut paths = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--filter" => filter = Some(filter_arg(it.next().ok_or("--filter needs a value")?)?),
+            p => paths.push(PathBuf::from(p)),
+        }
+    }
+    if paths.is_empty() {
+        return Err(format!("validate needs at least one path\n\n{USAGE}"));
+    }
+    let findings: Vec<_> = paths
+        .iter()
+        .flat_map(|p| validate::check_path(p, filter))
+        .collect();
+    let mut bad = 0;
+    for f in &findings {
+        match &f.error {
+            None => println!("ok    {} ({})", f.what, f.filter.unwrap_or("?")),
+            Some(e) => {
+                bad += 1;
+                println!("FAIL  {}: {e}", f.what);
+            }
+        }
+    }
+    println!("validate: {} passed, {bad} failed", findings.len() - bad);
+    Ok(if bad == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn run_explain(args: &[String]) -> Result<ExitCode, String> {
+    let mut config = None;
+    let mut filter = None;
+    let mut req = ExplainRequest::default();
+    let mut at_ms = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = || it.next().ok_or_else(|| format!("{a} needs a value"));
+        match a.as_str() {
+            "--config" => config = Some(PathBuf::from(value()?)),
+            "--filter" => filter = Some(filter_arg(value()?)?),
+            "--path" => req.path = value()?.clone(),
+            "-H" | "--header" => {
+                let h = value()?;
+                let (k, v) = h
+                    .split_once(':')
+                    .ok_or_else(|| format!("header {h:?} is not 'name: value'"))?;
+                req.headers
+                    .push((k.trim().to_ascii_lowercase(), v.trim().as_bytes().to_vec()));
+            }
+            "--at" => {
+                let t = value()?;
+                at_ms = Some(
+                    filter_core::schedule::parse_rfc3339(t)
+                        .ok_or_else(|| format!("--at {t:?} is not RFC 3339"))?,
+                );
+            }
+            "--at-ms" => {
+                let t = value()?;
+                at_ms = Some(
+                    t.parse()
+                        .map_err(|_| format!("--at-ms {t:?} is not a number"))?,
+                );
+            }
+            other => return Err(format!("unknown argument {other:?}\n\n{USAGE}")),
+        }
+    }
+    let config = config.ok_or("explain needs --config FILE")?;
+    let stem = config.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+    let filter = filter
+        .or_else(|| Filter::from_name(stem))
+        .ok_or("cannot tell the filter from the file name: pass --filter")?;
+    if req.path.is_empty() {
+        return Err("explain needs --path".into());
+    }
+    req.now_ms = match at_ms {
+        Some(t) => t,
+        None => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+    };
+    let bytes = std::fs::read(&config).map_err(|e| format!("{}: {e}", config.display()))?;
+    match filter {
+        Filter::Canary => {
+            let cfg = filter_core::config::canary::parse(&bytes)
+                .map_err(|e| format!("{}: invalid pluginConfig: {e}", config.display()))?;
+            print!("{}", explain::canary(&cfg, &req));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,153 @@
+//! Reading Kubernetes manifests and the filter configs inside them.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Number, Value};
+use yaml_rust2::{Yaml, YamlLoader};
+
+/// A filter infermesh ships, named as in `app.kubernetes.io/component`,
+/// `examples/config/<filter>.json` and `wasm-build.sh`'s output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Filter {
+    Canary,
+}
+
+impl Filter {
+    pub const ALL: [Filter; 1] = [Filter::Canary];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Filter::Canary => "canary",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|f| f.name() == name)
+    }
+
+    /// Parses a pluginConfig with the filter's own parser.
+    pub fn check(self, config: &[u8]) -> Result<(), filter_core::ConfigError> {
+        match self {
+            Filter::Canary => filter_core::config::canary::parse(config).map(drop),
+        }
+    }
+}
+
+/// A WasmPlugin found in a manifest.
+#[derive(Debug, Clone)]
+pub struct WasmPlugin {
+    pub name: String,
+    /// `app.kubernetes.io/component`, if set.
+    pub component: Option<String>,
+    /// `spec.pluginConfig` as JSON (`{}` when absent).
+    pub plugin_config: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: invalid YAML: {message}")]
+    Yaml { path: PathBuf, message: String },
+}
+
+/// Converts a YAML node to JSON. Map keys that are not strings are
+/// rendered, so nothing is silently dropped.
+pub fn to_json(y: &Yaml) -> Value {
+    match y {
+        Yaml::Real(s) => s
+            .parse::<f64>()
+            .ok()
+            .and_then(Number::from_f64)
+            .map_or(Value::Null, Value::Number),
+        Yaml::Integer(i) => Value::Number((*i).into()),
+        Yaml::String(s) => Value::String(s.clone()),
+        Yaml::Boolean(b) => Value::Bool(*b),
+        Yaml::Array(a) => Value::Array(a.iter().map(to_json).collect()),
+        Yaml::Hash(h) => Value::Object(
+            h.iter()
+                .map(|(k, v)| {
+                    let key = match k {
+                        Yaml::String(s) => s.clone(),
+                        Yaml::Integer(i) => i.to_string(),
+                        Yaml::Real(r) => r.clone(),
+                        Yaml::Boolean(b) => b.to_string(),
+                        other => format!("{other:?}"),
+                    };
+                    (key, to_json(v))
+                })
+                .collect::<Map<_, _>>(),
+        ),
+        Yaml::Null | Yaml::BadValue | Yaml::Alias(_) => Value::Null,
+    }
+}
+
+/// Every WasmPlugin in a YAML file (multi-document files included).
+pub fn wasm_plugins(path: &Path) -> Result<Vec<WasmPlugin>, ManifestError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ManifestError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let docs = YamlLoader::load_from_str(&text).map_err(|e| ManifestError::Yaml {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })?;
+    let mut out = Vec::new();
+    for doc in docs.iter().map(to_json) {
+        if doc.get("kind").and_then(Value::as_str) != Some("WasmPlugin") {
+            continue;
+        }
+        let meta = doc.get("metadata");
+        let name = meta
+            .and_then(|m| m.get("name"))
+            .and_then(Value::as_str)
+            .unwrap_or("?")
+            .to_owned();
+        let component = meta
+            .and_then(|m| m.get("labels"))
+            .and_then(|l| l.get("app.kubernetes.io/component"))
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        let config = doc
+            .get("spec")
+            .and_then(|s| s.get("pluginConfig"))
+            .cloned()
+            .unwrap_or_else(|| Value::Object(Map::new()));
+        out.push(WasmPlugin {
+            name,
+            component,
+            plugin_config: serde_json::to_vec(&config).unwrap_or_default(),
+        });
+    }
+    Ok(out)
+}
+
+/// YAML files under `dir`, sorted, recursively.
+pub fn yaml_files(dir: &Path) -> Result<Vec<PathBuf>, ManifestError> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        let entries = std::fs::read_dir(&d).map_err(|source| ManifestError::Read {
+            path: d.clone(),
+            source,
+        })?;
+        for entry in entries {
+            let p = entry
+                .map_err(|source| ManifestError::Read {
+                    path: d.clone(),
+                    source,
+                })?
+                .path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
