@@ -390,7 +390,7 @@ fn model_metadata(state: &AppState, m: &str, v: Option<&str>) -> Result<Response
 fn model_ready(state: &AppState, m: &str, v: Option<&str>) -> Result<Response<Full<Bytes>>, ApiError> {
     match state.registry.get(m, v) {
         Some(loaded) => ok_json(json!({ "name": m, "version": loaded.version, "ready": true })),
-        None if state.registry.knows(m) => Err(ApiError::Unavailable(match v {
+        None if state.registry.knows(m, v) => Err(ApiError::Unavailable(match v {
             Some(v) => format!("model {m} version {v} is not ready"),
             None => format!("model {m} is not ready"),
         })),
@@ -474,7 +474,7 @@ async fn infer(
     let loaded = state.registry.get(m, v);
     let labels = match &loaded {
         Some(l) => [l.name.clone(), l.version.clone()],
-        None if state.registry.knows(m) => [m.to_string(), UNKNOWN.to_string()],
+        None if state.registry.knows(m, None) => [m.to_string(), UNKNOWN.to_string()],
         None => [UNKNOWN.to_string(), UNKNOWN.to_string()],
     };
     let mut guard = InferGuard {

@@ -102,10 +102,15 @@ impl Registry {
             .unwrap_or_default()
     }
 
-    /// Whether `name` is a model this server knows (loaded or not).
-    pub fn knows(&self, name: &str) -> bool {
+    /// Whether `name` (and `version`, if given) is something this server
+    /// tried to load, whether or not it is serving now.
+    pub fn knows(&self, name: &str, version: Option<&str>) -> bool {
         let slots = self.slots.read().unwrap_or_else(|e| e.into_inner());
-        slots.contains_key(name)
+        match (slots.get(name), version) {
+            (None, _) => false,
+            (Some(_), None) => true,
+            (Some(slot), Some(v)) => slot.index.iter().any(|e| e.version.as_deref() == Some(v)),
+        }
     }
 
     /// The repository index: models on disk and what happened to them.
