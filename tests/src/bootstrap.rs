@@ -1,0 +1,318 @@
+//! An Envoy bootstrap shaped like Istio's outbound sidecar listener.
+//!
+//! HTTP filters run in Istio's order: `cors`, `fault` (Istio puts both ahead
+//! of Wasm plugins; both look the route up, so the route is already cached
+//! when the Wasm filters run), optional extra filters, the Wasm filters,
+//! then the router. The route table matches exact header values like a
+//! VirtualService header match (`x-infermesh-version: 2` → cluster of subset
+//! `2`) and ends with a default route, like Istio's. One STATIC cluster per
+//! upstream on 127.0.0.1. Ports are 0: Envoy picks them, the harness asks
+//! the admin API which it picked.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Value};
+
+use crate::upstream::Upstream;
+
+/// What Envoy does when a Wasm plugin fails (Istio's `failStrategy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailurePolicy {
+    /// `FAIL_CLOSE`: requests get an error instead of skipping the plugin.
+    FailClosed,
+    /// `FAIL_OPEN`: the plugin is skipped.
+    FailOpen,
+}
+
+/// One `envoy.filters.http.wasm` filter.
+#[derive(Debug, Clone)]
+pub struct WasmFilter {
+    /// Plugin name (also used in Envoy's log lines).
+    pub name: String,
+    pub wasm: PathBuf,
+    /// The `pluginConfig` JSON, passed as a `google.protobuf.StringValue`.
+    pub config: String,
+    pub root_id: String,
+    pub vm_id: String,
+    pub failure_policy: FailurePolicy,
+}
+
+impl WasmFilter {
+    /// A fail-closed plugin named `name` with root and VM ids `name`.
+    pub fn new(name: &str, wasm: &Path, config: impl Into<String>) -> WasmFilter {
+        WasmFilter {
+            name: name.to_owned(),
+            wasm: wasm.to_owned(),
+            config: config.into(),
+            root_id: name.to_owned(),
+            vm_id: name.to_owned(),
+            failure_policy: FailurePolicy::FailClosed,
+        }
+    }
+
+    pub fn failure_policy(mut self, p: FailurePolicy) -> WasmFilter {
+        self.failure_policy = p;
+        self
+    }
+
+    fn to_json(&self) -> Value {
+        json!({
+            "name": "envoy.filters.http.wasm",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+                "config": {
+                    "name": self.name,
+                    "root_id": self.root_id,
+                    "vm_config": {
+                        "vm_id": self.vm_id,
+                        "runtime": "envoy.wasm.runtime.v8",
+                        "code": {"local": {"filename": self.wasm}},
+                    },
+                    "configuration": {
+                        "@type": "type.googleapis.com/google.protobuf.StringValue",
+                        "value": self.config,
+                    },
+                    "failure_policy": match self.failure_policy {
+                        FailurePolicy::FailClosed => "FAIL_CLOSED",
+                        FailurePolicy::FailOpen => "FAIL_OPEN",
+                    },
+                },
+            },
+        })
+    }
+}
+
+/// A route taken when request header `header` equals `value` exactly.
+#[derive(Debug, Clone)]
+pub struct HeaderRoute {
+    pub header: String,
+    pub value: String,
+    pub cluster: String,
+}
+
+/// Envoy bootstrap builder; see the module docs for its shape.
+#[derive(Debug, Clone)]
+pub struct Bootstrap {
+    clusters: Vec<(String, SocketAddr)>,
+    routes: Vec<HeaderRoute>,
+    default_cluster: Option<String>,
+    istio_filters: bool,
+    extra_filters: Vec<Value>,
+    wasm: Vec<WasmFilter>,
+    max_request_headers: Option<u32>,
+}
+
+impl Default for Bootstrap {
+    fn default() -> Self {
+        Bootstrap::new()
+    }
+}
+
+/// Istio's stat prefix for an outbound HTTP listener.
+pub const STAT_PREFIX: &str = "outbound_0.0.0.0_80";
+
+impl Bootstrap {
+    /// No clusters, no routes, Istio's CORS and fault filters on.
+    pub fn new() -> Bootstrap {
+        Bootstrap {
+            clusters: Vec::new(),
+            routes: Vec::new(),
+            default_cluster: None,
+            istio_filters: true,
+            extra_filters: Vec::new(),
+            wasm: Vec::new(),
+            max_request_headers: None,
+        }
+    }
+
+    /// A STATIC cluster `name` with one endpoint.
+    pub fn cluster(mut self, name: &str, addr: SocketAddr) -> Bootstrap {
+        self.clusters.push((name.to_owned(), addr));
+        self
+    }
+
+    /// Routes requests whose `header` equals `value` to `cluster`. Routes
+    /// are tried in the order added, before the default route.
+    pub fn route_header(mut self, header: &str, value: &str, cluster: &str) -> Bootstrap {
+        self.routes.push(HeaderRoute {
+            header: header.to_owned(),
+            value: value.to_owned(),
+            cluster: cluster.to_owned(),
+        });
+        self
+    }
+
+    /// Where requests no header route matches go.
+    pub fn default_route(mut self, cluster: &str) -> Bootstrap {
+        self.default_cluster = Some(cluster.to_owned());
+        self
+    }
+
+    /// The VirtualService/DestinationRule pair of a versioned model:
+    /// `x-infermesh-version: v` → the cluster of `v`'s upstream (named after
+    /// the upstream), everything else → `default`'s.
+    pub fn version_subsets(
+        mut self,
+        subsets: &[(&str, &Upstream)],
+        default: &Upstream,
+    ) -> Bootstrap {
+        for (version, up) in subsets {
+            self = self.cluster(&up.name, up.addr).route_header(
+                filter_core::headers::VERSION,
+                version,
+                &up.name,
+            );
+        }
+        self.cluster(&default.name, default.addr)
+            .default_route(&default.name)
+    }
+
+    /// Leaves out Istio's CORS and fault filters.
+    pub fn without_istio_filters(mut self) -> Bootstrap {
+        self.istio_filters = false;
+        self
+    }
+
+    /// An HTTP filter (JSON as in Envoy's config) placed after CORS and
+    /// fault and before the Wasm filters.
+    pub fn filter_ahead(mut self, filter: Value) -> Bootstrap {
+        self.extra_filters.push(filter);
+        self
+    }
+
+    pub fn wasm(mut self, filter: WasmFilter) -> Bootstrap {
+        self.wasm.push(filter);
+        self
+    }
+
+    /// Raises Envoy's per-request header count limit (default 100).
+    pub fn max_request_headers(mut self, n: u32) -> Bootstrap {
+        self.max_request_headers = Some(n);
+        self
+    }
+
+    /// The bootstrap as JSON.
+    pub fn to_json(&self) -> Value {
+        let loopback0 = json!({"socket_address": {"address": "127.0.0.1", "port_value": 0}});
+        let mut filters = Vec::new();
+        if self.istio_filters {
+            filters.push(json!({
+                "name": "envoy.filters.http.cors",
+                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors"},
+            }));
+            filters.push(json!({
+                "name": "envoy.filters.http.fault",
+                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"},
+            }));
+        }
+        filters.extend(self.extra_filters.iter().cloned());
+        filters.extend(self.wasm.iter().map(WasmFilter::to_json));
+        filters.push(json!({
+            "name": "envoy.filters.http.router",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+        }));
+
+        let mut routes: Vec<Value> = self
+            .routes
+            .iter()
+            .map(|r| {
+                json!({
+                    "name": format!("{}={}", r.header, r.value),
+                    "match": {
+                        "prefix": "/",
+                        "headers": [{"name": r.header, "string_match": {"exact": r.value}}],
+                    },
+                    "route": {"cluster": r.cluster},
+                })
+            })
+            .collect();
+        if let Some(c) = &self.default_cluster {
+            routes.push(
+                json!({"name": "default", "match": {"prefix": "/"}, "route": {"cluster": c}}),
+            );
+        }
+
+        let mut hcm = json!({
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+            "stat_prefix": STAT_PREFIX,
+            "codec_type": "AUTO",
+            "route_config": {
+                "name": "80",
+                "virtual_hosts": [{"name": "infermesh", "domains": ["*"], "routes": routes}],
+            },
+            "http_filters": filters,
+        });
+        if let Some(n) = self.max_request_headers {
+            hcm["common_http_protocol_options"] = json!({"max_headers_count": n});
+        }
+
+        let clusters: Vec<Value> = self
+            .clusters
+            .iter()
+            .map(|(name, addr)| {
+                json!({
+                    "name": name,
+                    "type": "STATIC",
+                    "connect_timeout": "1s",
+                    "load_assignment": {
+                        "cluster_name": name,
+                        "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {
+                            "address": addr.ip().to_string(),
+                            "port_value": addr.port(),
+                        }}}}]}],
+                    },
+                })
+            })
+            .collect();
+
+        let stats_tags: Vec<Value> = filter_core::stats::TAGS
+            .iter()
+            .map(|t| json!({"tag_name": t, "regex": filter_core::stats::tag_regex(t)}))
+            .collect();
+
+        json!({
+            "node": {"id": "sidecar~127.0.0.1~e2e.test~test.svc.cluster.local", "cluster": "e2e"},
+            "admin": {"address": loopback0},
+            "stats_config": {"stats_tags": stats_tags},
+            "static_resources": {
+                "listeners": [{
+                    "name": "outbound",
+                    "address": loopback0,
+                    "filter_chains": [{"filters": [{
+                        "name": "envoy.filters.network.http_connection_manager",
+                        "typed_config": hcm,
+                    }]}],
+                }],
+                "clusters": clusters,
+            },
+        })
+    }
+}
+
+/// A Lua filter running `code` (which must define `envoy_on_request`
+/// and/or `envoy_on_response`).
+pub fn lua_filter(code: &str) -> Value {
+    json!({
+        "name": "envoy.filters.http.lua",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+            "default_source_code": {"inline_string": code},
+        },
+    })
+}
+
+/// A `header_mutation` filter that sets request header `name` to `value`.
+/// It does not clear the route cache.
+pub fn set_request_header_filter(name: &str, value: &str) -> Value {
+    json!({
+        "name": "envoy.filters.http.header_mutation",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+            "mutations": {"request_mutations": [{"append": {
+                "header": {"key": name, "value": value},
+                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+            }}]},
+        },
+    })
+}

@@ -1,0 +1,162 @@
+//! Stub upstreams: tiny HTTP/1 servers that record what they receive.
+//!
+//! Each answers every request with `200`, body `upstream=<name>\n`, and the
+//! response headers [`UPSTREAM_HEADER`] (its name) and
+//! [`SAW_VERSION_HEADER`] (the `x-infermesh-version` it received, or `-`),
+//! so a test can check per request where Envoy sent it and what it carried.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::header::{HeaderMap, HeaderValue};
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// Response header naming the upstream that answered.
+pub const UPSTREAM_HEADER: &str = "x-upstream";
+/// Response header echoing the `x-infermesh-version` the upstream received
+/// (`-` when absent).
+pub const SAW_VERSION_HEADER: &str = "x-upstream-saw-version";
+
+/// Headers accepted per request; above Envoy's limits so the upstream never
+/// is the one that rejects a large request.
+const MAX_HEADERS: usize = 1_000;
+
+/// One request as the upstream saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    pub headers: HeaderMap,
+}
+
+impl Seen {
+    /// The value of `name` as (lossy) text, if present.
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .get(name)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+    }
+}
+
+/// A running stub upstream; stops when killed or dropped.
+pub struct Upstream {
+    pub name: String,
+    pub addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    stop: watch::Sender<bool>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Upstream {
+    /// Binds `127.0.0.1:0` and serves until killed.
+    pub async fn start(name: &str) -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("upstream {name}: cannot bind 127.0.0.1:0: {e}"));
+        let addr = listener
+            .local_addr()
+            .unwrap_or_else(|e| panic!("upstream {name}: no local address: {e}"));
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let (stop, mut stopped) = watch::channel(false);
+        let task = tokio::spawn({
+            let name = name.to_owned();
+            let seen = seen.clone();
+            async move {
+                loop {
+                    let accepted = tokio::select! {
+                        a = listener.accept() => a,
+                        _ = stopped.changed() => return,
+                    };
+                    let Ok((tcp, _)) = accepted else { continue };
+                    let name = name.clone();
+                    let seen = seen.clone();
+                    let mut conn_stopped = stopped.clone();
+                    tokio::spawn(async move {
+                        let svc = service_fn(move |req| handle(name.clone(), seen.clone(), req));
+                        let mut builder = hyper::server::conn::http1::Builder::new();
+                        builder.max_headers(MAX_HEADERS);
+                        let conn = builder.serve_connection(TokioIo::new(tcp), svc);
+                        tokio::select! {
+                            _ = conn => {}
+                            _ = conn_stopped.changed() => {}
+                        }
+                    });
+                }
+            }
+        });
+        Upstream {
+            name: name.to_owned(),
+            addr,
+            seen,
+            stop,
+            task: Some(task),
+        }
+    }
+
+    /// Requests received so far.
+    pub fn count(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Everything received so far.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.lock().clone()
+    }
+
+    /// Forgets what was received so far.
+    pub fn clear(&self) {
+        self.lock().clear();
+    }
+
+    /// Stops accepting and closes every open connection.
+    pub fn kill(&mut self) {
+        let _ = self.stop.send(true);
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Seen>> {
+        self.seen.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+async fn handle(
+    name: String,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    req: Request<hyper::body::Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let (parts, body) = req.into_parts();
+    // Drain the body so keep-alive works; its content is not needed.
+    let _ = body.collect().await;
+    let saw = parts
+        .headers
+        .get(filter_core::headers::VERSION)
+        .cloned()
+        .unwrap_or(HeaderValue::from_static("-"));
+    seen.lock().unwrap_or_else(|e| e.into_inner()).push(Seen {
+        method: parts.method.to_string(),
+        path: parts.uri.to_string(),
+        headers: parts.headers,
+    });
+    let mut resp = Response::new(Full::new(Bytes::from(format!("upstream={name}\n"))));
+    if let Ok(v) = HeaderValue::from_str(&name) {
+        resp.headers_mut().insert(UPSTREAM_HEADER, v);
+    }
+    resp.headers_mut().insert(SAW_VERSION_HEADER, saw);
+    Ok(resp)
+}
