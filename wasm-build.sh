@@ -16,12 +16,11 @@ if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip1; then
   rustup target add wasm32-wasip1
 fi
 
-# Every crate under filters/ except the host-free core is a filter.
+# Every cdylib crate under filters/ is a filter (core and shim are libraries).
 filters=()
 for dir in filters/*/; do
   name="$(basename "$dir")"
-  [ "$name" = core ] && continue
-  [ -f "$dir/Cargo.toml" ] && filters+=("$name")
+  [ -f "$dir/Cargo.toml" ] && grep -q cdylib "$dir/Cargo.toml" && filters+=("$name")
 done
 
 pkgs=()

@@ -16,12 +16,13 @@ mod metrics;
 
 use std::cell::Cell;
 use std::rc::Rc;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
 use filter_core::canary::{self, Decision, How, Request};
 use filter_core::config::canary::CanaryConfig;
 use filter_core::hash::fmix64;
 use filter_core::headers;
+use filter_shim::{clear_route_cache, now_ms, now_nanos, strip_owned_request_headers};
 use log::{debug, error, info, warn};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
@@ -83,11 +84,7 @@ impl RootContext for CanaryRoot {
         // Seed per VM from the clock's nanoseconds (std::process::id panics
         // on WASI). Only unkeyed requests use it: no fairness depends on it
         // beyond a uniform spread.
-        let seed = self
-            .get_current_time()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0);
+        let seed = now_nanos(self);
         let has_schedule = cfg.splits.iter().any(|s| s.schedule.is_some());
         self.steps = vec![None; cfg.splits.len()];
         let shared = Rc::new(Shared {
@@ -175,10 +172,10 @@ impl HttpContext for CanaryStream {
             // Unreachable in Envoy (no stream before a successful configure),
             // but never serve a request with no config.
             warn!("infermesh canary: request before configuration; refusing it");
-            self.send_http_response(
+            filter_shim::send_json_error(
+                self,
                 503,
-                vec![("content-type", "application/json")],
-                Some(br#"{"error":"canary filter is not configured"}"#),
+                br#"{"error":"canary filter is not configured"}"#,
             );
             return Action::Pause;
         };
@@ -199,7 +196,7 @@ impl HttpContext for CanaryStream {
                 self.get_http_request_header_bytes(headers::VERSION),
             )
         } else {
-            self.strip_owned_headers(&shared);
+            shared.metrics.stripped(strip_owned_request_headers(self));
             (None, None)
         };
 
@@ -266,39 +263,4 @@ impl HttpContext for CanaryStream {
         }
         Action::Continue
     }
-}
-
-impl CanaryStream {
-    /// Removes every downstream `x-infermesh-*` request header.
-    fn strip_owned_headers(&self, shared: &Shared) {
-        let owned: Vec<String> = self
-            .get_http_request_headers_bytes()
-            .into_iter()
-            .filter_map(|(name, _)| headers::is_owned(&name).then_some(name))
-            .collect();
-        for name in &owned {
-            self.set_http_request_header(name, None);
-        }
-        if !owned.is_empty() {
-            shared.metrics.stripped(owned.len());
-        }
-    }
-}
-
-/// Asks Envoy to re-pick the route after a routing header changed. Envoy
-/// stopped doing this implicitly for Wasm filters (envoy PR #36671), and a
-/// filter ahead of this one (CORS, fault, Lua) may already have computed
-/// the route. Older Envoys lack the function but cleared the cache on every
-/// header change, so a missing function is fine.
-fn clear_route_cache() {
-    if let Err(status) = proxy_wasm::hostcalls::call_foreign_function("clear_route_cache", None) {
-        debug!("infermesh canary: clear_route_cache unavailable: {status:?}");
-    }
-}
-
-fn now_ms(ctx: &dyn Context) -> u64 {
-    ctx.get_current_time()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }

@@ -6,8 +6,8 @@
 use filter_core::canary::How;
 use filter_core::config::canary::CanaryConfig;
 use filter_core::stats::tagged;
-use proxy_wasm::hostcalls::{define_metric, increment_metric, record_metric};
-use proxy_wasm::types::{MetricType, Status};
+use filter_shim::{bump, counter, gauge, set};
+use proxy_wasm::types::Status;
 
 pub const REQUESTS: &str = "infermesh_canary_requests_total";
 pub const OVERRIDE_REJECTED: &str = "infermesh_canary_override_rejected_total";
@@ -40,7 +40,6 @@ fn how_index(how: How) -> usize {
 
 impl Metrics {
     pub fn define(cfg: &CanaryConfig) -> Result<Self, Status> {
-        let counter = |name: &str| define_metric(MetricType::Counter, name);
         let mut requests = Vec::with_capacity(cfg.splits.len());
         let mut weights = Vec::with_capacity(cfg.splits.len());
         let mut override_rejected = Vec::with_capacity(cfg.splits.len());
@@ -65,13 +64,10 @@ impl Metrics {
                     *slot = counter(&tagged(REQUESTS, &tags("pinned")))?;
                 }
                 per_version.push(ids);
-                gauges.push(define_metric(
-                    MetricType::Gauge,
-                    &tagged(
-                        WEIGHT,
-                        &[("model", split.model.as_str()), ("version", v.as_str())],
-                    ),
-                )?);
+                gauges.push(gauge(&tagged(
+                    WEIGHT,
+                    &[("model", split.model.as_str()), ("version", v.as_str())],
+                ))?);
             }
             requests.push(per_version);
             weights.push(gauges);
@@ -89,13 +85,6 @@ impl Metrics {
         })
     }
 
-    fn bump(id: Option<u32>, by: i64) {
-        if let Some(id) = id {
-            // A failed increment is not worth failing a request over.
-            let _ = increment_metric(id, by);
-        }
-    }
-
     fn request_id(&self, split: usize, version: usize, decision: usize) -> Option<u32> {
         self.requests
             .get(split)?
@@ -105,25 +94,27 @@ impl Metrics {
     }
 
     pub fn routed(&self, split: usize, version: usize, how: How) {
-        Self::bump(self.request_id(split, version, how_index(how)), 1);
+        bump(self.request_id(split, version, how_index(how)), 1);
     }
 
     pub fn pinned(&self, split: usize, version: Option<usize>) {
         if let Some(v) = version {
-            Self::bump(self.request_id(split, v, PINNED), 1);
+            bump(self.request_id(split, v, PINNED), 1);
         }
     }
 
     pub fn override_rejected(&self, split: usize) {
-        Self::bump(self.override_rejected.get(split).copied(), 1);
+        bump(self.override_rejected.get(split).copied(), 1);
     }
 
     pub fn unmatched(&self) {
-        Self::bump(Some(self.unmatched), 1);
+        bump(Some(self.unmatched), 1);
     }
 
     pub fn stripped(&self, n: usize) {
-        Self::bump(Some(self.stripped), i64::try_from(n).unwrap_or(i64::MAX));
+        if n > 0 {
+            bump(Some(self.stripped), n as u64);
+        }
     }
 
     pub fn set_weights(&self, split: usize, bp: &[u32]) {
@@ -131,7 +122,7 @@ impl Metrics {
             return;
         };
         for (id, w) in ids.iter().zip(bp) {
-            let _ = record_metric(*id, u64::from(*w));
+            set(*id, u64::from(*w));
         }
     }
 }

@@ -15,7 +15,7 @@
 //! `istio/`).
 
 /// Tags the filters emit; the e2e bootstrap and `istio/` declare each one.
-pub const TAGS: &[&str] = &["model", "version", "decision", "reason"];
+pub const TAGS: &[&str] = &["model", "version", "decision", "source", "reason"];
 
 /// A metric name carrying `tags`. Values are restricted to
 /// `[A-Za-z0-9._:-]` (anything else becomes `_`) so a value can never

@@ -1,0 +1,93 @@
+//! Host-side helpers every infermesh filter shim needs: re-picking the
+//! route, the clock, stripping downstream `x-infermesh-*` headers, metrics
+//! that never fail a request, and OIP-style local replies.
+
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
+
+use std::time::UNIX_EPOCH;
+
+use filter_core::headers;
+use log::debug;
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext};
+use proxy_wasm::types::{MetricType, Status};
+
+/// Asks Envoy to re-pick the route after a routing header changed. Envoy
+/// stopped doing this implicitly for Wasm filters (envoy PR #36671), and a
+/// filter ahead (CORS, fault, Lua) may already have computed the route.
+/// Older Envoys lack the function but cleared the cache on every header
+/// change, so a missing function is not an error.
+pub fn clear_route_cache() {
+    if let Err(status) = hostcalls::call_foreign_function("clear_route_cache", None) {
+        debug!("clear_route_cache unavailable: {status:?}");
+    }
+}
+
+/// Host wall-clock time in Unix milliseconds (0 if the host clock is
+/// before 1970).
+pub fn now_ms(ctx: &dyn Context) -> u64 {
+    ctx.get_current_time()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// Host wall-clock nanoseconds, truncated: a seed, not a timestamp.
+pub fn now_nanos(ctx: &dyn Context) -> u64 {
+    ctx.get_current_time()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// Removes every downstream request header starting with `x-infermesh-`;
+/// returns how many were removed.
+pub fn strip_owned_request_headers(ctx: &dyn HttpContext) -> usize {
+    let owned: Vec<String> = ctx
+        .get_http_request_headers_bytes()
+        .into_iter()
+        .filter_map(|(name, _)| headers::is_owned(&name).then_some(name))
+        .collect();
+    for name in &owned {
+        ctx.set_http_request_header(name, None);
+    }
+    owned.len()
+}
+
+/// Defines a counter.
+pub fn counter(name: &str) -> Result<u32, Status> {
+    hostcalls::define_metric(MetricType::Counter, name)
+}
+
+/// Defines a gauge.
+pub fn gauge(name: &str) -> Result<u32, Status> {
+    hostcalls::define_metric(MetricType::Gauge, name)
+}
+
+/// Adds `by` to a metric; a failed increment is not worth failing a
+/// request over.
+pub fn bump(id: Option<u32>, by: u64) {
+    if let Some(id) = id {
+        let _ = hostcalls::increment_metric(id, i64::try_from(by).unwrap_or(i64::MAX));
+    }
+}
+
+/// Sets a gauge.
+pub fn set(id: u32, value: u64) {
+    let _ = hostcalls::record_metric(id, value);
+}
+
+/// Answers the request from the filter with an OIP-style JSON error body;
+/// the upstream sees nothing.
+pub fn send_json_error(ctx: &dyn HttpContext, status: u32, body: &[u8]) {
+    ctx.send_http_response(
+        status,
+        vec![("content-type", "application/json")],
+        Some(body),
+    );
+}
