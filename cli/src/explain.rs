@@ -5,7 +5,9 @@ use std::fmt::Write as _;
 
 use filter_core::canary::{self, Decision, Request};
 use filter_core::config::canary::CanaryConfig;
+use filter_core::config::router::RouterConfig;
 use filter_core::hash::{bucket, BUCKETS};
+use filter_core::router;
 use filter_core::{headers, oip};
 
 /// A request as a client would send it.
@@ -16,6 +18,8 @@ pub struct ExplainRequest {
     pub headers: Vec<(String, Vec<u8>)>,
     /// Evaluation time (Unix ms) for schedules.
     pub now_ms: u64,
+    /// Request body, for body routing.
+    pub body: Option<Vec<u8>>,
 }
 
 impl ExplainRequest {
@@ -190,6 +194,102 @@ pub fn canary(cfg: &CanaryConfig, req: &ExplainRequest) -> String {
                 headers::SERVED_BY,
                 s.model,
                 version_name(v)
+            );
+        }
+    }
+    out
+}
+
+/// Explains the model-router's decision, as text.
+pub fn router(cfg: &RouterConfig, req: &ExplainRequest) -> String {
+    let mut out = String::new();
+    let header = |name: &Option<String>| name.as_deref().and_then(|h| req.header(h));
+    let (hm, hv) = (header(&cfg.model_header), header(&cfg.version_header));
+    let path = req.path.as_bytes();
+    let body = match (&req.body, &cfg.body) {
+        (Some(b), Some(src)) if router::needs_body(cfg, path, hm.is_some(), hv.is_some()) => {
+            if b.len() > src.max_bytes {
+                let _ = writeln!(
+                    out,
+                    "body:      {} bytes, over max_bytes {}: not read",
+                    b.len(),
+                    src.max_bytes
+                );
+                router::Body::TooLarge
+            } else {
+                let _ = writeln!(out, "body:      {} bytes, read for routing", b.len());
+                router::Body::Complete(b)
+            }
+        }
+        (Some(_), Some(_)) => {
+            let _ = writeln!(
+                out,
+                "body:      not needed: the path and headers name model and version"
+            );
+            router::Body::None
+        }
+        _ => router::Body::None,
+    };
+    let r = router::Request {
+        path,
+        header_model: hm.as_deref(),
+        header_version: hv.as_deref(),
+        body,
+    };
+    match router::decide(cfg, &r) {
+        router::Decision::Route {
+            model,
+            version,
+            source,
+            rewrite,
+            body_fallback,
+        } => {
+            if let Some(f) = body_fallback {
+                let _ = writeln!(
+                    out,
+                    "fallback:  body gave nothing ({}); other sources used",
+                    f.as_str()
+                );
+            }
+            let Some(m) = cfg.models.get(model) else {
+                return out;
+            };
+            let _ = writeln!(out, "model:     {}", m.name);
+            let _ = writeln!(out, "sets:      {}: {}", headers::MODEL, m.name);
+            match version.and_then(|v| m.versions.get(v)) {
+                Some(v) => {
+                    let _ = writeln!(
+                        out,
+                        "version:   {v} (pinned, from the {}; never split by the canary)",
+                        source.as_str()
+                    );
+                    let _ = writeln!(out, "sets:      {}: {v}", headers::VERSION);
+                }
+                None => {
+                    let _ = writeln!(
+                        out,
+                        "version:   none named (model from the {}): the canary, if any, picks",
+                        source.as_str()
+                    );
+                }
+            }
+            if let Some(p) = rewrite {
+                let _ = writeln!(out, "rewrite:   :path -> {p}");
+            }
+        }
+        router::Decision::Reject { miss, message } => {
+            let _ = writeln!(
+                out,
+                "decision:  404 from the filter ({}): {}",
+                miss.as_str(),
+                String::from_utf8_lossy(&router::error_body(&message))
+            );
+        }
+        router::Decision::Pass { miss } => {
+            let _ = writeln!(
+                out,
+                "decision:  untouched ({}): the default route applies",
+                miss.as_str()
             );
         }
     }

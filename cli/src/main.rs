@@ -17,10 +17,12 @@ USAGE:
       WasmPlugin in YAML manifests or directories of them, with the
       filters' own parsers. Exit 1 if any is invalid.
   infermesh explain --config FILE [--filter NAME] --path PATH
-                    [-H 'name: value']... [--at RFC3339 | --at-ms MS]
-      Print the decision the filter would take for that request.
+                    [-H 'name: value']... [--body JSON | --body-file FILE]
+                    [--at RFC3339 | --at-ms MS]
+      Print the decision the filter would take for that request
+      (--body for model-router body routing, --at for canary schedules).
 
-FILTERS: canary
+FILTERS: canary, model-router
 ";
 
 fn main() -> ExitCode {
@@ -44,7 +46,8 @@ fn main() -> ExitCode {
 }
 
 fn filter_arg(name: &str) -> Result<Filter, String> {
-    Filter::from_name(name).ok_or_else(|| format!("unknown filter {name:?} (known: canary)"))
+    Filter::from_name(name)
+        .ok_or_else(|| format!("unknown filter {name:?} (known: canary, model-router)"))
 }
 
 fn run_validate(args: &[String]) -> Result<ExitCode, String> {
@@ -102,6 +105,11 @@ fn run_explain(args: &[String]) -> Result<ExitCode, String> {
                 req.headers
                     .push((k.trim().to_ascii_lowercase(), v.trim().as_bytes().to_vec()));
             }
+            "--body" => req.body = Some(value()?.as_bytes().to_vec()),
+            "--body-file" => {
+                let f = value()?;
+                req.body = Some(std::fs::read(f).map_err(|e| format!("{f}: {e}"))?);
+            }
             "--at" => {
                 let t = value()?;
                 at_ms = Some(
@@ -139,6 +147,11 @@ fn run_explain(args: &[String]) -> Result<ExitCode, String> {
             let cfg = filter_core::config::canary::parse(&bytes)
                 .map_err(|e| format!("{}: invalid pluginConfig: {e}", config.display()))?;
             print!("{}", explain::canary(&cfg, &req));
+        }
+        Filter::ModelRouter => {
+            let cfg = filter_core::config::router::parse(&bytes)
+                .map_err(|e| format!("{}: invalid pluginConfig: {e}", config.display()))?;
+            print!("{}", explain::router(&cfg, &req));
         }
     }
     Ok(ExitCode::SUCCESS)

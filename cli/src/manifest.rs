@@ -10,14 +10,16 @@ use yaml_rust2::{Yaml, YamlLoader};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Filter {
     Canary,
+    ModelRouter,
 }
 
 impl Filter {
-    pub const ALL: [Filter; 1] = [Filter::Canary];
+    pub const ALL: [Filter; 2] = [Filter::Canary, Filter::ModelRouter];
 
     pub fn name(self) -> &'static str {
         match self {
             Filter::Canary => "canary",
+            Filter::ModelRouter => "model-router",
         }
     }
 
@@ -29,13 +31,16 @@ impl Filter {
     pub fn check(self, config: &[u8]) -> Result<(), filter_core::ConfigError> {
         match self {
             Filter::Canary => filter_core::config::canary::parse(config).map(drop),
+            Filter::ModelRouter => filter_core::config::router::parse(config).map(drop),
         }
     }
 }
 
-/// A WasmPlugin found in a manifest.
+/// A filter config found in a manifest: a WasmPlugin's `pluginConfig`, or
+/// the `configuration` of a Wasm filter inserted by an EnvoyFilter.
 #[derive(Debug, Clone)]
 pub struct WasmPlugin {
+    /// `Kind/name`, plus the patch index for EnvoyFilters.
     pub name: String,
     /// `app.kubernetes.io/component`, if set.
     pub component: Option<String>,
@@ -85,7 +90,40 @@ pub fn to_json(y: &Yaml) -> Value {
     }
 }
 
-/// Every WasmPlugin in a YAML file (multi-document files included).
+const WASM_FILTER_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm";
+
+/// The Wasm filter configs an EnvoyFilter inserts.
+fn envoyfilter_configs(name: &str, component: Option<&str>, doc: &Value) -> Vec<WasmPlugin> {
+    let patches = doc
+        .get("spec")
+        .and_then(|s| s.get("configPatches"))
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    patches
+        .iter()
+        .enumerate()
+        .filter_map(|(i, p)| {
+            let typed = p.get("patch")?.get("value")?.get("typed_config")?;
+            if typed.get("@type").and_then(Value::as_str) != Some(WASM_FILTER_TYPE) {
+                return None;
+            }
+            let config = typed
+                .get("config")?
+                .get("configuration")?
+                .get("value")?
+                .as_str()?;
+            Some(WasmPlugin {
+                name: format!("EnvoyFilter/{name}#configPatches[{i}]"),
+                component: component.map(str::to_owned),
+                plugin_config: config.as_bytes().to_vec(),
+            })
+        })
+        .collect()
+}
+
+/// Every filter config in a YAML file: WasmPlugins and EnvoyFilter-inserted
+/// Wasm filters (multi-document files included).
 pub fn wasm_plugins(path: &Path) -> Result<Vec<WasmPlugin>, ManifestError> {
     let text = std::fs::read_to_string(path).map_err(|source| ManifestError::Read {
         path: path.to_owned(),
@@ -97,7 +135,8 @@ pub fn wasm_plugins(path: &Path) -> Result<Vec<WasmPlugin>, ManifestError> {
     })?;
     let mut out = Vec::new();
     for doc in docs.iter().map(to_json) {
-        if doc.get("kind").and_then(Value::as_str) != Some("WasmPlugin") {
+        let kind = doc.get("kind").and_then(Value::as_str).unwrap_or("");
+        if kind != "WasmPlugin" && kind != "EnvoyFilter" {
             continue;
         }
         let meta = doc.get("metadata");
@@ -111,13 +150,17 @@ pub fn wasm_plugins(path: &Path) -> Result<Vec<WasmPlugin>, ManifestError> {
             .and_then(|l| l.get("app.kubernetes.io/component"))
             .and_then(Value::as_str)
             .map(str::to_owned);
+        if kind == "EnvoyFilter" {
+            out.extend(envoyfilter_configs(&name, component.as_deref(), &doc));
+            continue;
+        }
         let config = doc
             .get("spec")
             .and_then(|s| s.get("pluginConfig"))
             .cloned()
             .unwrap_or_else(|| Value::Object(Map::new()));
         out.push(WasmPlugin {
-            name,
+            name: format!("WasmPlugin/{name}"),
             component,
             plugin_config: serde_json::to_vec(&config).unwrap_or_default(),
         });

@@ -39,7 +39,7 @@ pub fn check_path(path: &Path, filter: Option<Filter>) -> Vec<Finding> {
                 return vec![failure(
                     shown,
                     None,
-                    format!("cannot tell which filter {stem:?} configures: pass --filter (canary)"),
+                    format!("cannot tell which filter {stem:?} configures: pass --filter (canary, model-router)"),
                 )];
             };
             match std::fs::read(path) {
@@ -70,7 +70,7 @@ fn check_manifest(path: &Path) -> Vec<Finding> {
     plugins
         .into_iter()
         .map(|p| {
-            let what = format!("{}#WasmPlugin/{}", path.display(), p.name);
+            let what = format!("{}#{}", path.display(), p.name);
             let component = p.component.as_deref().unwrap_or("");
             match Filter::from_name(component) {
                 Some(f) => Finding {

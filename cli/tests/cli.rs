@@ -19,7 +19,7 @@ fn validate_reports_each_config_and_fails_on_a_bad_one() {
     let ok = run(&["validate", "istio", "examples/config/canary.json"]);
     assert!(ok.status.success(), "{}", stdout(&ok));
     assert!(
-        stdout(&ok).contains("validate: 2 passed, 0 failed"),
+        stdout(&ok).contains("validate: 4 passed, 0 failed"),
         "{}",
         stdout(&ok)
     );
@@ -110,4 +110,71 @@ fn explain_matches_the_core_decision() {
         "/v2/models/x/infer",
     ]));
     assert!(other.contains("untouched"), "{other}");
+}
+
+#[test]
+fn explain_router_names_sources_aliases_and_rejections() {
+    let cfg = "examples/config/model-router.json";
+    let alias = stdout(&run(&[
+        "explain",
+        "--config",
+        cfg,
+        "--path",
+        "/v2/models/digits-mlp/versions/canary/infer",
+    ]));
+    assert!(
+        alias.contains("sets:      x-infermesh-version: 2"),
+        "{alias}"
+    );
+    assert!(
+        alias.contains("rewrite:   :path -> /v2/models/digits-mlp/versions/2/infer"),
+        "{alias}"
+    );
+    let body = stdout(&run(&[
+        "explain",
+        "--config",
+        cfg,
+        "--path",
+        "/predict",
+        "--body",
+        r#"{"model":"tiny-cnn","parameters":{"model_version":"stable"}}"#,
+    ]));
+    assert!(
+        body.contains("sets:      x-infermesh-model: tiny-cnn"),
+        "{body}"
+    );
+    assert!(
+        body.contains("version:   1 (pinned, from the body"),
+        "{body}"
+    );
+    let bad_body = stdout(&run(&[
+        "explain", "--config", cfg, "--path", "/predict", "--body", "{oops",
+    ]));
+    assert!(bad_body.contains("untouched (not_oip)"), "{bad_body}");
+    let header = stdout(&run(&[
+        "explain",
+        "--config",
+        cfg,
+        "--path",
+        "/v2/models/digits-mlp/infer",
+        "-H",
+        "X-Model-Version: stable",
+    ]));
+    assert!(
+        header.contains("version:   1 (pinned, from the header"),
+        "{header}"
+    );
+    let unknown = stdout(&run(&[
+        "explain",
+        "--config",
+        cfg,
+        "--path",
+        "/v2/models/nope/infer",
+    ]));
+    assert!(
+        unknown.contains(
+            r#"404 from the filter (unknown_model): {"error":"model \"nope\" is not served here"}"#
+        ),
+        "{unknown}"
+    );
 }

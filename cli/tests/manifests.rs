@@ -64,3 +64,26 @@ fn yaml_files_are_found_recursively() {
     assert_eq!(plugins.len(), 1);
     assert_eq!(plugins[0].component.as_deref(), Some("canary"));
 }
+
+#[test]
+fn a_broken_config_in_an_envoyfilter_is_named() {
+    let dir = std::env::temp_dir().join(format!("infermesh-envoyfilter-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let text = std::fs::read_to_string(repo("istio/model-router-body-envoyfilter.yaml")).unwrap();
+    let broken = text.replacen("\"max_bytes\": 262144", "\"max_bytes\": 0", 1);
+    assert_ne!(broken, text, "the manifest changed shape; update this test");
+    std::fs::write(dir.join("broken.yaml"), broken).unwrap();
+    let findings = check_path(&dir, None);
+    std::fs::remove_dir_all(&dir).ok();
+    assert_eq!(findings.len(), 1, "{findings:#?}");
+    assert!(
+        findings[0]
+            .what
+            .ends_with("EnvoyFilter/infermesh-model-router-body#configPatches[0]"),
+        "{findings:#?}"
+    );
+    assert_eq!(
+        findings[0].error.as_deref(),
+        Some("pluginConfig.body.max_bytes: 0: must be between 1 and 16777216")
+    );
+}

@@ -46,7 +46,9 @@ pub fn now_nanos(ctx: &dyn Context) -> u64 {
 }
 
 /// Removes every downstream request header starting with `x-infermesh-`;
-/// returns how many were removed.
+/// returns how many were removed. Removing one can change the route (a
+/// VirtualService may match on it), so the route cache is cleared too:
+/// Envoy only does that implicitly for filters on proxy-wasm ABI 0.2.1.
 pub fn strip_owned_request_headers(ctx: &dyn HttpContext) -> usize {
     let owned: Vec<String> = ctx
         .get_http_request_headers_bytes()
@@ -55,6 +57,9 @@ pub fn strip_owned_request_headers(ctx: &dyn HttpContext) -> usize {
         .collect();
     for name in &owned {
         ctx.set_http_request_header(name, None);
+    }
+    if !owned.is_empty() {
+        clear_route_cache();
     }
     owned.len()
 }
