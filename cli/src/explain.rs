@@ -236,21 +236,21 @@ pub fn router(cfg: &RouterConfig, req: &ExplainRequest) -> String {
         header_version: hv.as_deref(),
         body,
     };
-    match router::decide(cfg, &r) {
+    let (decision, body_fallback) = router::decide(cfg, &r);
+    if let Some(f) = body_fallback {
+        let _ = writeln!(
+            out,
+            "fallback:  body gave nothing ({}); other sources used",
+            f.as_str()
+        );
+    }
+    match decision {
         router::Decision::Route {
             model,
             version,
             source,
             rewrite,
-            body_fallback,
         } => {
-            if let Some(f) = body_fallback {
-                let _ = writeln!(
-                    out,
-                    "fallback:  body gave nothing ({}); other sources used",
-                    f.as_str()
-                );
-            }
             let Some(m) = cfg.models.get(model) else {
                 return out;
             };

@@ -36,6 +36,9 @@ pub struct WasmFilter {
     pub root_id: String,
     pub vm_id: String,
     pub failure_policy: FailurePolicy,
+    /// `allow_on_headers_stop_iteration`: required on Envoy >= 1.35 for a
+    /// filter that waits for the body in its headers callback.
+    pub allow_on_headers_stop_iteration: bool,
 }
 
 impl WasmFilter {
@@ -48,7 +51,14 @@ impl WasmFilter {
             root_id: name.to_owned(),
             vm_id: name.to_owned(),
             failure_policy: FailurePolicy::FailClosed,
+            allow_on_headers_stop_iteration: false,
         }
+    }
+
+    /// Sets `allow_on_headers_stop_iteration` (body-buffering filters).
+    pub fn allow_on_headers_stop_iteration(mut self, allow: bool) -> WasmFilter {
+        self.allow_on_headers_stop_iteration = allow;
+        self
     }
 
     pub fn failure_policy(mut self, p: FailurePolicy) -> WasmFilter {
@@ -73,6 +83,7 @@ impl WasmFilter {
                         "@type": "type.googleapis.com/google.protobuf.StringValue",
                         "value": self.config,
                     },
+                    "allow_on_headers_stop_iteration": self.allow_on_headers_stop_iteration,
                     "failure_policy": match self.failure_policy {
                         FailurePolicy::FailClosed => "FAIL_CLOSED",
                         FailurePolicy::FailOpen => "FAIL_OPEN",

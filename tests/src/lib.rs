@@ -102,3 +102,28 @@ pub fn now_ms() -> u64 {
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)
 }
+
+/// Asserts no response is the reply Envoy gives when a Wasm VM failed, and
+/// that the log shows no failed hook or panic.
+pub fn assert_vm_healthy(resps: &[Resp], log: &str) {
+    for (i, r) in resps.iter().enumerate() {
+        let details = r
+            .header("x-envoy-response-code-details")
+            .unwrap_or_default();
+        assert!(
+            !(r.text().contains("wasm_fail_stream") || details.contains("wasm_fail_stream")),
+            "#{i}: the Wasm VM failed: {} {}",
+            r.status,
+            r.text()
+        );
+    }
+    for bad in [
+        "wasm_fail_stream",
+        "Function: proxy_on_request_headers failed",
+        "panicked",
+        "wasm trap",
+        "Wasm VM failed",
+    ] {
+        assert!(!log.contains(bad), "Envoy's log contains {bad:?}");
+    }
+}

@@ -35,6 +35,17 @@ pub struct Seen {
     pub method: String,
     pub path: String,
     pub headers: HeaderMap,
+    /// Body length, and an FNV-1a 64 digest of the body, so a test can
+    /// check a body arrived intact without keeping megabytes around.
+    pub body_len: usize,
+    pub body_digest: u64,
+}
+
+/// FNV-1a 64 of `bytes`: cheap and good enough to tell bodies apart.
+pub fn digest(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 impl Seen {
@@ -141,8 +152,11 @@ async fn handle(
     req: Request<hyper::body::Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let (parts, body) = req.into_parts();
-    // Drain the body so keep-alive works; its content is not needed.
-    let _ = body.collect().await;
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
     let saw = parts
         .headers
         .get(filter_core::headers::VERSION)
@@ -152,6 +166,8 @@ async fn handle(
         method: parts.method.to_string(),
         path: parts.uri.to_string(),
         headers: parts.headers,
+        body_len: body.len(),
+        body_digest: digest(&body),
     });
     let mut resp = Response::new(Full::new(Bytes::from(format!("upstream={name}\n"))));
     if let Ok(v) = HeaderValue::from_str(&name) {

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::{Mutex, OnceLock};
 
-/// Directory with prebuilt `<crate_underscored>.wasm` files; when set, no
-/// build is run.
+/// Directory with prebuilt modules, as `wasm-build.sh` writes them
+/// (`canary.wasm` for `filter-canary`); when set, no build is run.
 pub const WASM_DIR_ENV: &str = "INFERMESH_WASM_DIR";
 
 static BUILT: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
@@ -21,7 +21,8 @@ static BUILT: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
 pub fn build(krate: &str) -> PathBuf {
     let file = format!("{}.wasm", krate.replace('-', "_"));
     if let Some(dir) = std::env::var_os(WASM_DIR_ENV) {
-        let path = PathBuf::from(dir).join(&file);
+        let shipped = format!("{}.wasm", krate.strip_prefix("filter-").unwrap_or(krate));
+        let path = PathBuf::from(dir).join(shipped);
         assert!(
             path.is_file(),
             "{WASM_DIR_ENV} is set but {} does not exist",

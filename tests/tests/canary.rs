@@ -8,7 +8,10 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use e2e::bootstrap::{lua_filter, set_request_header_filter};
 use e2e::upstream::{SAW_VERSION_HEADER, UPSTREAM_HEADER};
-use e2e::{require_envoy, Bootstrap, Envoy, FailurePolicy, Req, Resp, Stats, Upstream, WasmFilter};
+use e2e::{
+    assert_vm_healthy, require_envoy, Bootstrap, Envoy, FailurePolicy, Req, Resp, Stats, Upstream,
+    WasmFilter,
+};
 use filter_core::canary::{self, Decision};
 use filter_core::config::canary::CanaryConfig;
 use filter_core::headers::{SERVED_BY, VERSION};
@@ -176,31 +179,6 @@ fn keyed(key: &str) -> Req {
 
 fn share(counts: &HashMap<String, usize>, v: &str, total: usize) -> f64 {
     100.0 * *counts.get(v).unwrap_or(&0) as f64 / total as f64
-}
-
-/// Asserts no response is the reply Envoy gives when a Wasm VM failed, and
-/// that the log shows no failed hook or panic.
-fn assert_vm_healthy(resps: &[Resp], log: &str) {
-    for (i, r) in resps.iter().enumerate() {
-        let details = r
-            .header("x-envoy-response-code-details")
-            .unwrap_or_default();
-        assert!(
-            !(r.text().contains("wasm_fail_stream") || details.contains("wasm_fail_stream")),
-            "#{i}: the Wasm VM failed: {} {}",
-            r.status,
-            r.text()
-        );
-    }
-    for bad in [
-        "wasm_fail_stream",
-        "Function: proxy_on_request_headers failed",
-        "panicked",
-        "wasm trap",
-        "Wasm VM failed",
-    ] {
-        assert!(!log.contains(bad), "Envoy's log contains {bad:?}");
-    }
 }
 
 async fn delta(before: &Stats, after: &Stats, name: &str, labels: &[(&str, &str)]) -> f64 {

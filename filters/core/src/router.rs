@@ -118,8 +118,6 @@ pub enum Decision {
         source: Source,
         /// New `:path`, when rewriting is on and the path must change.
         rewrite: Option<String>,
-        /// Why the body did not help, if it was consulted and did not.
-        body_fallback: Option<BodyFallback>,
     },
     /// Answer 404 with `{"error": message}`.
     Reject { miss: Miss, message: String },
@@ -164,10 +162,20 @@ fn body_field(
     }
 }
 
-/// Decides for one request.
-pub fn decide(cfg: &RouterConfig, req: &Request<'_>) -> Decision {
-    let path = oip::parse_path(req.path);
+/// Decides for one request. The second value says why the body gave
+/// nothing, when it was consulted and did not help (whatever the decision).
+pub fn decide(cfg: &RouterConfig, req: &Request<'_>) -> (Decision, Option<BodyFallback>) {
     let mut body_fallback = None;
+    let decision = decide_with(cfg, req, &mut body_fallback);
+    (decision, body_fallback)
+}
+
+fn decide_with(
+    cfg: &RouterConfig,
+    req: &Request<'_>,
+    body_fallback: &mut Option<BodyFallback>,
+) -> Decision {
+    let path = oip::parse_path(req.path);
     let mut from_body = |pointer| match body_field(&req.body, pointer) {
         Ok(v) => v,
         Err(e) => {
@@ -260,7 +268,6 @@ pub fn decide(cfg: &RouterConfig, req: &Request<'_>) -> Decision {
         version,
         source,
         rewrite,
-        body_fallback,
     }
 }
 

@@ -211,17 +211,17 @@ impl RouterStream {
             header_version: p.header_version.as_deref(),
             body,
         };
-        match router::decide(cfg, &req) {
+        let (decision, body_fallback) = router::decide(cfg, &req);
+        if let Some(reason) = body_fallback {
+            shared.metrics.body_fallback(reason);
+        }
+        match decision {
             Decision::Route {
                 model,
                 version,
                 source,
                 rewrite,
-                body_fallback,
             } => {
-                if let Some(reason) = body_fallback {
-                    shared.metrics.body_fallback(reason);
-                }
                 shared.metrics.routed(model, version, source);
                 let Some(m) = cfg.models.get(model) else {
                     return Action::Continue;

@@ -27,8 +27,11 @@ fn route(model: usize, version: Option<usize>, source: Source) -> Decision {
         version,
         source,
         rewrite: None,
-        body_fallback: None,
     }
+}
+
+fn decide(c: &RouterConfig, r: &Request<'_>) -> Decision {
+    super::decide(c, r).0
 }
 
 #[test]
@@ -153,31 +156,43 @@ fn body_fallbacks_are_reported() {
         (Body::Complete(br#"{"model":1.5}"#), BodyFallback::WrongType),
     ];
     for (body, reason) in cases {
-        let got = decide(&c, &req("/predict", None, None, body.clone()));
+        let got = super::decide(&c, &req("/predict", None, None, body.clone()));
         assert_eq!(
             got,
-            Decision::Route {
-                model: 1,
-                version: None,
-                source: Source::Default,
-                rewrite: None,
-                body_fallback: Some(*reason)
-            },
+            (route(1, None, Source::Default), Some(*reason)),
             "{body:?}"
         );
     }
     // Over the cap with the path naming the model: path routing still works.
-    let got = decide(&c, &req("/v2/models/mlp/infer", None, None, Body::TooLarge));
+    let got = super::decide(&c, &req("/v2/models/mlp/infer", None, None, Body::TooLarge));
     assert_eq!(
         got,
-        Decision::Route {
-            model: 0,
-            version: None,
-            source: Source::Path,
-            rewrite: None,
-            body_fallback: Some(BodyFallback::TooLarge)
-        }
+        (route(0, None, Source::Path), Some(BodyFallback::TooLarge))
     );
+    // No default model: the fallback is still reported with the pass.
+    let no_default = cfg("");
+    let got = super::decide(
+        &no_default,
+        &req("/predict", None, None, Body::Complete(b"{x")),
+    );
+    assert_eq!(
+        got,
+        (
+            Decision::Pass { miss: Miss::NotOip },
+            Some(BodyFallback::InvalidJson)
+        )
+    );
+    // Not consulted, not reported.
+    let got = super::decide(
+        &no_default,
+        &req(
+            "/v2/models/mlp/versions/1/infer",
+            None,
+            None,
+            Body::TooLarge,
+        ),
+    );
+    assert_eq!(got.1, None);
 }
 
 #[test]
