@@ -44,7 +44,9 @@ pub struct AppState {
 impl AppState {
     pub fn new(settings: Settings, registry: Arc<Registry>, metrics: Metrics) -> AppState {
         use std::hash::{BuildHasher, Hasher};
-        let id_seed = std::collections::hash_map::RandomState::new().build_hasher().finish();
+        let id_seed = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
         AppState {
             settings,
             registry,
@@ -119,11 +121,13 @@ impl ApiError {
         let mut resp = json_response(status, &json!({ "error": self.to_string() }));
         match self {
             ApiError::MethodNotAllowed(allow) => {
-                resp.headers_mut().insert(ALLOW, HeaderValue::from_static(allow));
+                resp.headers_mut()
+                    .insert(ALLOW, HeaderValue::from_static(allow));
             }
             // The rest of the body is still on the wire: do not reuse.
             ApiError::TooLarge(_) | ApiError::BodyTimeout => {
-                resp.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+                resp.headers_mut()
+                    .insert(CONNECTION, HeaderValue::from_static("close"));
             }
             _ => {}
         }
@@ -214,7 +218,10 @@ fn status_label(code: u16) -> &'static str {
     }
 }
 
-async fn route(state: &Arc<AppState>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
+async fn route(
+    state: &Arc<AppState>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
     let path = req.uri().path().to_string();
     if path == "/metrics" {
         expect(&req, Method::GET, "GET")?;
@@ -344,7 +351,10 @@ async fn route(state: &Arc<AppState>, req: Request<Incoming>) -> Result<Response
     }
 }
 
-fn parse_small_json<T: serde::de::DeserializeOwned>(state: &AppState, body: &[u8]) -> Result<T, ApiError> {
+fn parse_small_json<T: serde::de::DeserializeOwned>(
+    state: &AppState,
+    body: &[u8],
+) -> Result<T, ApiError> {
     if crate::tensor::json_depth_exceeds(body, state.settings.max_json_depth) {
         return Err(ApiError::BadRequest("JSON nested too deep".into()));
     }
@@ -366,7 +376,11 @@ fn not_loaded(m: &str, v: Option<&str>) -> ApiError {
     }
 }
 
-fn model_metadata(state: &AppState, m: &str, v: Option<&str>) -> Result<Response<Full<Bytes>>, ApiError> {
+fn model_metadata(
+    state: &AppState,
+    m: &str,
+    v: Option<&str>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
     let loaded = state.registry.get(m, v).ok_or_else(|| not_loaded(m, v))?;
     let versions = match v {
         Some(_) => vec![loaded.version.clone()],
@@ -387,7 +401,11 @@ fn model_metadata(state: &AppState, m: &str, v: Option<&str>) -> Result<Response
     }))
 }
 
-fn model_ready(state: &AppState, m: &str, v: Option<&str>) -> Result<Response<Full<Bytes>>, ApiError> {
+fn model_ready(
+    state: &AppState,
+    m: &str,
+    v: Option<&str>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
     match state.registry.get(m, v) {
         Some(loaded) => ok_json(json!({ "name": m, "version": loaded.version, "ready": true })),
         None if state.registry.knows(m, v) => Err(ApiError::Unavailable(match v {
@@ -401,7 +419,11 @@ fn model_ready(state: &AppState, m: &str, v: Option<&str>) -> Result<Response<Fu
 /// Reads the body: 413 from Content-Length before reading, or as soon as
 /// the streamed size passes `max`; 408 when it takes longer than the body
 /// read timeout.
-async fn read_body(state: &AppState, req: Request<Incoming>, max: usize) -> Result<Bytes, ApiError> {
+async fn read_body(
+    state: &AppState,
+    req: Request<Incoming>,
+    max: usize,
+) -> Result<Bytes, ApiError> {
     let declared = req
         .headers()
         .get(CONTENT_LENGTH)
@@ -414,7 +436,8 @@ async fn read_body(state: &AppState, req: Request<Incoming>, max: usize) -> Resu
     let collect = async {
         let mut buf = Vec::with_capacity(declared.map_or(0, |n| n as usize).min(max));
         while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|_| ApiError::BadRequest("request body could not be read".into()))?;
+            let frame =
+                frame.map_err(|_| ApiError::BadRequest("request body could not be read".into()))?;
             if let Ok(data) = frame.into_data() {
                 if buf.len() + data.len() > max {
                     return Err(ApiError::TooLarge(max));
@@ -444,7 +467,11 @@ impl InferGuard<'_> {
         [self.labels[0].as_str(), self.labels[1].as_str()]
     }
     fn admit(&mut self) {
-        self.state.metrics.pending.with_label_values(&self.labels()).inc();
+        self.state
+            .metrics
+            .pending
+            .with_label_values(&self.labels())
+            .inc();
         self.pending = true;
     }
 }
@@ -508,7 +535,9 @@ async fn infer_inner(
                 .ok()
                 .and_then(|s| s.trim().parse::<usize>().ok())
                 .ok_or_else(|| {
-                    ApiError::BadRequest("Inference-Header-Content-Length is not a byte count".into())
+                    ApiError::BadRequest(
+                        "Inference-Header-Content-Length is not a byte count".into(),
+                    )
                 })?,
         ),
     };
@@ -516,9 +545,11 @@ async fn infer_inner(
     let depth = state.settings.max_json_depth;
     let decoded = if body.len() > INLINE_DECODE_BYTES {
         let l = loaded.clone();
-        tokio::task::spawn_blocking(move || protocol::decode(&body, header_len, &l.signature, depth))
-            .await
-            .map_err(|_| ApiError::Internal)?
+        tokio::task::spawn_blocking(move || {
+            protocol::decode(&body, header_len, &l.signature, depth)
+        })
+        .await
+        .map_err(|_| ApiError::Internal)?
     } else {
         protocol::decode(&body, header_len, &loaded.signature, depth)
     }
@@ -560,7 +591,8 @@ async fn infer_inner(
                 CONTENT_TYPE,
                 HeaderValue::from_static("application/octet-stream"),
             );
-            resp.headers_mut().insert(INFERENCE_HEADER_LEN, HeaderValue::from(n));
+            resp.headers_mut()
+                .insert(INFERENCE_HEADER_LEN, HeaderValue::from(n));
         }
         None => {
             resp.headers_mut()

@@ -46,7 +46,9 @@ pub struct Batcher {
 
 impl std::fmt::Debug for Batcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Batcher").field("model", &self.model).finish()
+        f.debug_struct("Batcher")
+            .field("model", &self.model)
+            .finish()
     }
 }
 
@@ -85,15 +87,19 @@ impl Batcher {
 
     /// Queues a request and waits for its outputs. Fails at once with
     /// `QueueFull` when `capacity` requests are outstanding.
-    pub async fn submit(&self, inputs: Vec<Tensor>, rows: usize) -> Result<Vec<Tensor>, BatchError> {
-        let permit = self
-            .admission
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| BatchError::QueueFull {
-                model: self.model.clone(),
-                version: self.version.clone(),
-            })?;
+    pub async fn submit(
+        &self,
+        inputs: Vec<Tensor>,
+        rows: usize,
+    ) -> Result<Vec<Tensor>, BatchError> {
+        let permit =
+            self.admission
+                .clone()
+                .try_acquire_owned()
+                .map_err(|_| BatchError::QueueFull {
+                    model: self.model.clone(),
+                    version: self.version.clone(),
+                })?;
         let (reply, rx) = oneshot::channel();
         let job = Job {
             inputs,
@@ -150,7 +156,10 @@ async fn run_loop(
                 Err(mpsc::error::TryRecvError::Disconnected) => None,
                 Err(mpsc::error::TryRecvError::Empty) if delay.is_zero() => None,
                 Err(mpsc::error::TryRecvError::Empty) => {
-                    tokio::time::timeout_at(deadline, rx.recv()).await.ok().flatten()
+                    tokio::time::timeout_at(deadline, rx.recv())
+                        .await
+                        .ok()
+                        .flatten()
                 }
             };
             let Some(job) = next else { break };
@@ -208,8 +217,14 @@ async fn run_batch(
         let n_inputs = batch.first().map_or(0, |j| j.inputs.len());
         let mut merged = Vec::with_capacity(n_inputs);
         for i in 0..n_inputs {
-            let parts: Vec<&Data> = batch.iter().filter_map(|j| j.inputs.get(i)).map(|t| &t.data).collect();
-            let Some(first) = batch.first().and_then(|j| j.inputs.get(i)) else { return };
+            let parts: Vec<&Data> = batch
+                .iter()
+                .filter_map(|j| j.inputs.get(i))
+                .map(|t| &t.data)
+                .collect();
+            let Some(first) = batch.first().and_then(|j| j.inputs.get(i)) else {
+                return;
+            };
             let mut shape = first.shape.clone();
             if let Some(d0) = shape.first_mut() {
                 *d0 = rows;
@@ -219,9 +234,7 @@ async fn run_batch(
                 Err(e) => {
                     let msg = e.to_string();
                     for job in batch {
-                        let _ = job
-                            .reply
-                            .send(Err(EngineError::Output(msg.clone()).into()));
+                        let _ = job.reply.send(Err(EngineError::Output(msg.clone()).into()));
                     }
                     return;
                 }
@@ -251,7 +264,11 @@ async fn run_batch(
             return;
         }
         Err(_) => {
-            tracing::error!(model = labels[0], version = labels[1], "engine run panicked");
+            tracing::error!(
+                model = labels[0],
+                version = labels[1],
+                "engine run panicked"
+            );
             for r in replies {
                 let _ = r.send(Err(EngineError::Output("engine run panicked".into()).into()));
             }
@@ -282,11 +299,21 @@ async fn run_batch(
 
 /// Splits batched outputs by rows; every output must have `rows` as its
 /// first dimension.
-fn split_rows(outputs: &[Tensor], row_counts: &[usize], rows: usize) -> Result<Vec<Vec<Tensor>>, String> {
-    let mut per_job: Vec<Vec<Tensor>> = row_counts.iter().map(|_| Vec::with_capacity(outputs.len())).collect();
+fn split_rows(
+    outputs: &[Tensor],
+    row_counts: &[usize],
+    rows: usize,
+) -> Result<Vec<Vec<Tensor>>, String> {
+    let mut per_job: Vec<Vec<Tensor>> = row_counts
+        .iter()
+        .map(|_| Vec::with_capacity(outputs.len()))
+        .collect();
     for out in outputs {
         if out.shape.first() != Some(&rows) {
-            return Err(format!("output shape {:?} does not start with the batch size {rows}", out.shape));
+            return Err(format!(
+                "output shape {:?} does not start with the batch size {rows}",
+                out.shape
+            ));
         }
         let row_len: usize = out.shape.iter().skip(1).product();
         let mut start = 0;
@@ -296,7 +323,10 @@ fn split_rows(outputs: &[Tensor], row_counts: &[usize], rows: usize) -> Result<V
             if let Some(d0) = shape.first_mut() {
                 *d0 = *n;
             }
-            job.push(Tensor { shape, data: out.data.slice(start, end) });
+            job.push(Tensor {
+                shape,
+                data: out.data.slice(start, end),
+            });
             start = end;
         }
     }
@@ -309,14 +339,23 @@ mod tests {
 
     #[test]
     fn split_rows_hands_each_request_its_rows() {
-        let out = Tensor { shape: vec![3, 2], data: Data::F32(vec![0., 1., 2., 3., 4., 5.]) };
-        let label = Tensor { shape: vec![3], data: Data::I64(vec![7, 8, 9]) };
+        let out = Tensor {
+            shape: vec![3, 2],
+            data: Data::F32(vec![0., 1., 2., 3., 4., 5.]),
+        };
+        let label = Tensor {
+            shape: vec![3],
+            data: Data::I64(vec![7, 8, 9]),
+        };
         let split = split_rows(&[out, label], &[1, 2], 3).unwrap();
         assert_eq!(split[0][0].data, Data::F32(vec![0., 1.]));
         assert_eq!(split[1][0].shape, vec![2, 2]);
         assert_eq!(split[1][0].data, Data::F32(vec![2., 3., 4., 5.]));
         assert_eq!(split[1][1].data, Data::I64(vec![8, 9]));
-        let bad = Tensor { shape: vec![1, 2], data: Data::F32(vec![0., 1.]) };
+        let bad = Tensor {
+            shape: vec![1, 2],
+            data: Data::F32(vec![0., 1.]),
+        };
         assert!(split_rows(&[bad], &[1, 2], 3).is_err());
     }
 }

@@ -98,17 +98,50 @@ struct Spec {
 }
 
 const FLAGS: &[Spec] = &[
-    Spec { flag: "--model-repository", env: "INFERMESH_MODEL_REPOSITORY" },
-    Spec { flag: "--listen", env: "INFERMESH_LISTEN" },
-    Spec { flag: "--max-body-bytes", env: "INFERMESH_MAX_BODY_BYTES" },
-    Spec { flag: "--request-timeout-ms", env: "INFERMESH_REQUEST_TIMEOUT_MS" },
-    Spec { flag: "--queue-capacity", env: "INFERMESH_QUEUE_CAPACITY" },
-    Spec { flag: "--instances", env: "INFERMESH_INSTANCES" },
-    Spec { flag: "--grace-period-ms", env: "INFERMESH_GRACE_PERIOD_MS" },
-    Spec { flag: "--header-read-timeout-ms", env: "INFERMESH_HEADER_READ_TIMEOUT_MS" },
-    Spec { flag: "--body-read-timeout-ms", env: "INFERMESH_BODY_READ_TIMEOUT_MS" },
-    Spec { flag: "--max-json-depth", env: "INFERMESH_MAX_JSON_DEPTH" },
-    Spec { flag: "--log-format", env: "INFERMESH_LOG_FORMAT" },
+    Spec {
+        flag: "--model-repository",
+        env: "INFERMESH_MODEL_REPOSITORY",
+    },
+    Spec {
+        flag: "--listen",
+        env: "INFERMESH_LISTEN",
+    },
+    Spec {
+        flag: "--max-body-bytes",
+        env: "INFERMESH_MAX_BODY_BYTES",
+    },
+    Spec {
+        flag: "--request-timeout-ms",
+        env: "INFERMESH_REQUEST_TIMEOUT_MS",
+    },
+    Spec {
+        flag: "--queue-capacity",
+        env: "INFERMESH_QUEUE_CAPACITY",
+    },
+    Spec {
+        flag: "--instances",
+        env: "INFERMESH_INSTANCES",
+    },
+    Spec {
+        flag: "--grace-period-ms",
+        env: "INFERMESH_GRACE_PERIOD_MS",
+    },
+    Spec {
+        flag: "--header-read-timeout-ms",
+        env: "INFERMESH_HEADER_READ_TIMEOUT_MS",
+    },
+    Spec {
+        flag: "--body-read-timeout-ms",
+        env: "INFERMESH_BODY_READ_TIMEOUT_MS",
+    },
+    Spec {
+        flag: "--max-json-depth",
+        env: "INFERMESH_MAX_JSON_DEPTH",
+    },
+    Spec {
+        flag: "--log-format",
+        env: "INFERMESH_LOG_FORMAT",
+    },
 ];
 
 /// Parses `args` (without the program name), reading variables via `env`.
@@ -139,7 +172,9 @@ where
         };
         let value = match inline {
             Some(v) => v,
-            None => args.next().ok_or_else(|| ConfigError::MissingValue(name.clone()))?,
+            None => args
+                .next()
+                .ok_or_else(|| ConfigError::MissingValue(name.clone()))?,
         };
         given.push((spec.flag, name, value));
     }
@@ -206,7 +241,11 @@ mod tests {
             "INFERMESH_QUEUE_CAPACITY" => Some("5".to_string()),
             _ => None,
         };
-        let Command::Serve(s) = parse(args(&["--listen=127.0.0.1:7000", "--log-format", "json"]), env).unwrap() else {
+        let Command::Serve(s) = parse(
+            args(&["--listen=127.0.0.1:7000", "--log-format", "json"]),
+            env,
+        )
+        .unwrap() else {
             panic!("not serve");
         };
         assert_eq!(s.listen.port(), 7000);

@@ -109,7 +109,10 @@ impl Engine {
         let mut model = tract_onnx::onnx()
             .model_for_path(path)
             .map_err(|e| EngineError::Load(boxed(e)))?;
-        let n_inputs = model.input_outlets().map_err(|e| EngineError::Load(boxed(e)))?.len();
+        let n_inputs = model
+            .input_outlets()
+            .map_err(|e| EngineError::Load(boxed(e)))?
+            .len();
         let input_names: Vec<String> = (0..n_inputs)
             .map(|i| outlet_name(&model, true, i))
             .collect::<Result<_, _>>()?;
@@ -131,7 +134,9 @@ impl Engine {
                             "model input {name:?} is not declared in config.json inputs"
                         ))
                     })?;
-                    let fact = model.input_fact(i).map_err(|e| EngineError::Load(boxed(e)))?;
+                    let fact = model
+                        .input_fact(i)
+                        .map_err(|e| EngineError::Load(boxed(e)))?;
                     if let Some(dt) = fact.datum_type.concretize() {
                         if dt != to_datum(spec.datatype) {
                             return Err(EngineError::Signature(format!(
@@ -148,7 +153,9 @@ impl Engine {
                 let mut specs = Vec::with_capacity(n_inputs);
                 let mut all_batched = true;
                 for (i, name) in input_names.iter().enumerate() {
-                    let fact = model.input_fact(i).map_err(|e| EngineError::Load(boxed(e)))?;
+                    let fact = model
+                        .input_fact(i)
+                        .map_err(|e| EngineError::Load(boxed(e)))?;
                     let dt = fact
                         .datum_type
                         .concretize()
@@ -176,12 +183,17 @@ impl Engine {
                         }
                     }
                     all_batched &= shape.first() == Some(&-1);
-                    specs.push(TensorSpec { name: name.clone(), datatype: dt, shape });
+                    specs.push(TensorSpec {
+                        name: name.clone(),
+                        datatype: dt,
+                        shape,
+                    });
                 }
                 if !all_batched {
                     if specs.iter().any(|s| s.shape.first() == Some(&-1)) {
                         return Err(EngineError::Signature(
-                            "only some inputs have a batch dimension; declare them in config.json".into(),
+                            "only some inputs have a batch dimension; declare them in config.json"
+                                .into(),
                         ));
                     }
                     max_batch_size = 0;
@@ -195,7 +207,13 @@ impl Engine {
             let shape: TVec<TDim> = spec
                 .shape
                 .iter()
-                .map(|d| if *d < 0 { batch.clone().into() } else { TDim::from(*d) })
+                .map(|d| {
+                    if *d < 0 {
+                        batch.clone().into()
+                    } else {
+                        TDim::from(*d)
+                    }
+                })
                 .collect();
             model
                 .set_input_fact(i, InferenceFact::dt_shape(to_datum(spec.datatype), shape))
@@ -203,7 +221,10 @@ impl Engine {
         }
         if let Some(outs) = &config.outputs {
             let names: Vec<&str> = outs.iter().map(|o| o.name.as_str()).collect();
-            let n_out = model.output_outlets().map_err(|e| EngineError::Load(boxed(e)))?.len();
+            let n_out = model
+                .output_outlets()
+                .map_err(|e| EngineError::Load(boxed(e)))?
+                .len();
             let model_outs: Vec<String> = (0..n_out)
                 .map(|i| outlet_name(&model, false, i))
                 .collect::<Result<_, _>>()?;
@@ -220,11 +241,16 @@ impl Engine {
             .into_optimized()
             .map_err(|e| EngineError::Load(boxed(e)))?;
 
-        let n_out = typed.output_outlets().map_err(|e| EngineError::Load(boxed(e)))?.len();
+        let n_out = typed
+            .output_outlets()
+            .map_err(|e| EngineError::Load(boxed(e)))?
+            .len();
         let mut outputs = Vec::with_capacity(n_out);
         for i in 0..n_out {
             let name = outlet_name(&typed, false, i)?;
-            let fact = typed.output_fact(i).map_err(|e| EngineError::Load(boxed(e)))?;
+            let fact = typed
+                .output_fact(i)
+                .map_err(|e| EngineError::Load(boxed(e)))?;
             let dt = from_datum(fact.datum_type).ok_or_else(|| {
                 EngineError::Signature(format!(
                     "output {name:?} has an unsupported datatype {:?}",
@@ -236,8 +262,16 @@ impl Engine {
                 .iter()
                 .map(|d| d.to_i64().unwrap_or(-1))
                 .collect();
-            let spec = TensorSpec { name: name.clone(), datatype: dt, shape };
-            let spec = match config.outputs.as_ref().and_then(|o| o.iter().find(|o| o.name == name)) {
+            let spec = TensorSpec {
+                name: name.clone(),
+                datatype: dt,
+                shape,
+            };
+            let spec = match config
+                .outputs
+                .as_ref()
+                .and_then(|o| o.iter().find(|o| o.name == name))
+            {
                 Some(declared) => {
                     if declared.datatype != dt {
                         return Err(EngineError::Signature(format!(
@@ -256,7 +290,11 @@ impl Engine {
             .map_err(|e| EngineError::Load(boxed(e)))?;
         Ok(Engine {
             plan,
-            signature: Signature { inputs, outputs, max_batch_size },
+            signature: Signature {
+                inputs,
+                outputs,
+                max_batch_size,
+            },
         })
     }
 
@@ -272,7 +310,10 @@ impl Engine {
         for t in inputs {
             values.push(to_tract(t)?.into_tvalue());
         }
-        let outs = self.plan.run(values).map_err(|e| EngineError::Run(boxed(e)))?;
+        let outs = self
+            .plan
+            .run(values)
+            .map_err(|e| EngineError::Run(boxed(e)))?;
         if outs.len() != self.signature.outputs.len() {
             return Err(EngineError::Output(format!(
                 "{} outputs, expected {}",
@@ -296,7 +337,9 @@ where
     }
     .map_err(|e| EngineError::Load(boxed(e)))?;
     let Some(outlet) = outlets.get(i) else {
-        return Err(EngineError::Signature("model has fewer outlets than expected".into()));
+        return Err(EngineError::Signature(
+            "model has fewer outlets than expected".into(),
+        ));
     };
     Ok(match model.outlet_label(*outlet) {
         Some(label) => label.to_string(),

@@ -43,7 +43,9 @@ fn main() -> ExitCode {
 fn init_tracing(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),
@@ -70,7 +72,10 @@ fn run(settings: Settings) -> anyhow::Result<bool> {
         if drained {
             tracing::info!("drained, exiting");
         } else {
-            tracing::warn!(grace_ms = grace.as_millis() as u64, "grace period over, in-flight requests cut");
+            tracing::warn!(
+                grace_ms = grace.as_millis() as u64,
+                "grace period over, in-flight requests cut"
+            );
         }
         Ok(drained)
     })

@@ -68,7 +68,10 @@ impl Metrics {
         let registry = Registry::new();
         let mv = &["model", "version"];
         let requests = IntCounterVec::new(
-            Opts::new(REQUESTS_TOTAL, "Inference requests by model, version and outcome."),
+            Opts::new(
+                REQUESTS_TOTAL,
+                "Inference requests by model, version and outcome.",
+            ),
             &["model", "version", "outcome"],
         )?;
         let hist = |name: &str, help: &str, buckets: &[f64]| {
@@ -92,10 +95,15 @@ impl Metrics {
         let batch_size = hist(
             BATCH_SIZE,
             "Rows per engine run (dynamic batching).",
-            &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0, 4096.0],
+            &[
+                1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0, 4096.0,
+            ],
         )?;
         let pending = IntGaugeVec::new(
-            Opts::new(PENDING_REQUESTS, "Inference requests admitted and not yet answered."),
+            Opts::new(
+                PENDING_REQUESTS,
+                "Inference requests admitted and not yet answered.",
+            ),
             mv,
         )?;
         let models_loaded = IntGauge::new(MODELS_LOADED, "Model versions loaded and serving.")?;

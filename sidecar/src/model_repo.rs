@@ -269,9 +269,7 @@ pub fn parse_config(bytes: &[u8]) -> Result<ModelConfig, String> {
     let raw: RawConfig = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
     if let Some(p) = &raw.platform {
         if p != "onnx" && p != "onnxruntime_onnx" {
-            return Err(format!(
-                "platform: {p:?} is not supported (use \"onnx\")"
-            ));
+            return Err(format!("platform: {p:?} is not supported (use \"onnx\")"));
         }
     }
     let max_batch_size = match raw.max_batch_size {
@@ -446,14 +444,38 @@ mod tests {
     fn errors_name_the_field() {
         let cases = [
             (GOOD.replace("\"description\"", "\"descr\""), "descr"),
-            (GOOD.replace("\"FP32\", \"shape\": [-1, 784]", "\"FP33\", \"shape\": [-1, 784]"), "inputs[0].datatype"),
+            (
+                GOOD.replace(
+                    "\"FP32\", \"shape\": [-1, 784]",
+                    "\"FP33\", \"shape\": [-1, 784]",
+                ),
+                "inputs[0].datatype",
+            ),
             (GOOD.replace("[-1, 784]", "[-1, 0]"), "inputs[0].shape[1]"),
             (GOOD.replace("[-1, 784]", "[784]"), "inputs[0].shape"),
-            (GOOD.replace("\"preferred_batch_size\": 8", "\"preferred_batch_size\": 64"), "preferred_batch_size"),
-            (GOOD.replace("{\"latest\": 2}", "{\"specific\": [\"x\"]}"), "version_policy.specific[0]"),
-            (GOOD.replace("{\"latest\": 2}", "{\"latest\": 0}"), "version_policy.latest"),
-            (GOOD.replace("[\"a\", \"b\"]", "[\"a\"]"), "labels.probabilities"),
-            (GOOD.replace("\"max_batch_size\": 32", "\"max_batch_size\": -1"), "max_batch_size"),
+            (
+                GOOD.replace(
+                    "\"preferred_batch_size\": 8",
+                    "\"preferred_batch_size\": 64",
+                ),
+                "preferred_batch_size",
+            ),
+            (
+                GOOD.replace("{\"latest\": 2}", "{\"specific\": [\"x\"]}"),
+                "version_policy.specific[0]",
+            ),
+            (
+                GOOD.replace("{\"latest\": 2}", "{\"latest\": 0}"),
+                "version_policy.latest",
+            ),
+            (
+                GOOD.replace("[\"a\", \"b\"]", "[\"a\"]"),
+                "labels.probabilities",
+            ),
+            (
+                GOOD.replace("\"max_batch_size\": 32", "\"max_batch_size\": -1"),
+                "max_batch_size",
+            ),
             (GOOD.replace("\"onnx\"", "\"tensorflow\""), "platform"),
         ];
         for (text, field) in cases {

@@ -75,7 +75,11 @@ struct RawOutput {
     parameters: Option<Map<String, Value>>,
 }
 
-fn param_bool(p: &Option<Map<String, Value>>, key: &str, at: &str) -> Result<Option<bool>, BadRequest> {
+fn param_bool(
+    p: &Option<Map<String, Value>>,
+    key: &str,
+    at: &str,
+) -> Result<Option<bool>, BadRequest> {
     match p.as_ref().and_then(|m| m.get(key)) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Bool(b)) => Ok(Some(*b)),
@@ -83,13 +87,18 @@ fn param_bool(p: &Option<Map<String, Value>>, key: &str, at: &str) -> Result<Opt
     }
 }
 
-fn param_uint(p: &Option<Map<String, Value>>, key: &str, at: &str) -> Result<Option<u64>, BadRequest> {
+fn param_uint(
+    p: &Option<Map<String, Value>>,
+    key: &str,
+    at: &str,
+) -> Result<Option<u64>, BadRequest> {
     match p.as_ref().and_then(|m| m.get(key)) {
         None | Some(Value::Null) => Ok(None),
-        Some(v) => v
-            .as_u64()
-            .map(Some)
-            .ok_or_else(|| bad(format!("{at}parameters.{key} must be a non-negative integer"))),
+        Some(v) => v.as_u64().map(Some).ok_or_else(|| {
+            bad(format!(
+                "{at}parameters.{key} must be a non-negative integer"
+            ))
+        }),
     }
 }
 
@@ -115,8 +124,8 @@ pub fn decode(
     if tensor::json_depth_exceeds(json, max_depth) {
         return Err(bad(format!("JSON nesting deeper than {max_depth}")));
     }
-    let raw: RawRequest<'_> =
-        serde_json::from_slice(json).map_err(|e| bad(format!("invalid inference request JSON: {e}")))?;
+    let raw: RawRequest<'_> = serde_json::from_slice(json)
+        .map_err(|e| bad(format!("invalid inference request JSON: {e}")))?;
     if let Some(id) = &raw.id {
         if id.len() > 256 {
             return Err(bad("id is longer than 256 bytes"));
@@ -135,8 +144,12 @@ pub fn decode(
         if slots[idx].is_some() {
             return Err(bad(format!("input {name:?} is given twice")));
         }
-        let dt = DataType::parse(&input.datatype)
-            .ok_or_else(|| bad(format!("input {name:?}: unknown datatype {:?}", truncate(&input.datatype))))?;
+        let dt = DataType::parse(&input.datatype).ok_or_else(|| {
+            bad(format!(
+                "input {name:?}: unknown datatype {:?}",
+                truncate(&input.datatype)
+            ))
+        })?;
         if dt != spec.datatype {
             return Err(bad(format!(
                 "input {name:?}: datatype {dt}, the model expects {}",
@@ -171,7 +184,11 @@ pub fn decode(
             }
             shape.push(got as usize);
         }
-        let r = if batched { shape.first().copied().unwrap_or(1) } else { 1 };
+        let r = if batched {
+            shape.first().copied().unwrap_or(1)
+        } else {
+            1
+        };
         match rows {
             None => rows = Some(r),
             Some(prev) if prev != r => {
@@ -213,7 +230,8 @@ pub fn decode(
                 let Some(raw_data) = input.data else {
                     return Err(bad(format!("{at}has no data")));
                 };
-                tensor::data_from_json(raw_data, dt, elements).map_err(|e| bad(format!("{at}{e}")))?
+                tensor::data_from_json(raw_data, dt, elements)
+                    .map_err(|e| bad(format!("{at}{e}")))?
             }
         };
         if data.len() != elements {
@@ -239,7 +257,11 @@ pub fn decode(
     let binary_default = param_bool(&raw.parameters, "binary_data_output", "")?.unwrap_or(false);
     let outputs = match raw.outputs {
         None => (0..sig.outputs.len())
-            .map(|index| OutputRequest { index, binary: binary_default, classification: None })
+            .map(|index| OutputRequest {
+                index,
+                binary: binary_default,
+                classification: None,
+            })
             .collect(),
         Some(list) => {
             let mut seen = BTreeSet::new();
@@ -252,12 +274,17 @@ pub fn decode(
                     return Err(bad(format!("output {:?} is requested twice", o.name)));
                 }
                 let at = format!("output {:?}: ", o.name);
-                let binary = param_bool(&o.parameters, "binary_data", &at)?.unwrap_or(binary_default);
+                let binary =
+                    param_bool(&o.parameters, "binary_data", &at)?.unwrap_or(binary_default);
                 let classification = match param_uint(&o.parameters, "classification", &at)? {
                     None | Some(0) => None,
                     Some(k) => Some(usize::try_from(k).unwrap_or(usize::MAX)),
                 };
-                out.push(OutputRequest { index, binary, classification });
+                out.push(OutputRequest {
+                    index,
+                    binary,
+                    classification,
+                });
             }
             out
         }
@@ -321,7 +348,10 @@ pub fn encode(
         classified.push(match w.classification {
             None => None,
             Some(k) => Some(classify(t, k, labels.get(&spec.name)).ok_or_else(|| {
-                bad(format!("output {:?} cannot be classified (not numeric)", spec.name))
+                bad(format!(
+                    "output {:?} cannot be classified (not numeric)",
+                    spec.name
+                ))
             })?),
         });
     }
@@ -335,7 +365,13 @@ pub fn encode(
         let (parameters, data) = if w.binary {
             let before = binary.len();
             t.data.write_le_bytes(&mut binary);
-            (Some(BTreeMap::from([("binary_data_size", binary.len() - before)])), None)
+            (
+                Some(BTreeMap::from([(
+                    "binary_data_size",
+                    binary.len() - before,
+                )])),
+                None,
+            )
         } else {
             (None, Some(&t.data))
         };
@@ -347,14 +383,25 @@ pub fn encode(
             data,
         });
     }
-    let resp = Response { model_name: model, model_version: version, id, outputs: tensors };
+    let resp = Response {
+        model_name: model,
+        model_version: version,
+        id,
+        outputs: tensors,
+    };
     let mut body = serde_json::to_vec(&resp).map_err(|_| bad("response cannot be encoded"))?;
     if binary.is_empty() && !wanted.iter().any(|w| w.binary) {
-        return Ok(Encoded { body, header_len: None });
+        return Ok(Encoded {
+            body,
+            header_len: None,
+        });
     }
     let header_len = body.len();
     body.extend_from_slice(&binary);
-    Ok(Encoded { body, header_len: Some(header_len) })
+    Ok(Encoded {
+        body,
+        header_len: Some(header_len),
+    })
 }
 
 /// Top-`k` per row as Triton's `"value:index[:label]"` strings.
@@ -369,7 +416,11 @@ fn classify(t: &Tensor, k: usize, labels: Option<&Vec<String>>) -> Option<Tensor
     let mut out = Vec::with_capacity(rows * k);
     for row in values.chunks(classes) {
         let mut idx: Vec<usize> = (0..classes).collect();
-        idx.sort_by(|a, b| row[*b].partial_cmp(&row[*a]).unwrap_or(std::cmp::Ordering::Equal));
+        idx.sort_by(|a, b| {
+            row[*b]
+                .partial_cmp(&row[*a])
+                .unwrap_or(std::cmp::Ordering::Equal)
+        });
         for &i in idx.iter().take(k) {
             let s = match labels.and_then(|l| l.get(i)) {
                 Some(label) => format!("{}:{i}:{label}", row[i]),
@@ -382,7 +433,10 @@ fn classify(t: &Tensor, k: usize, labels: Option<&Vec<String>>) -> Option<Tensor
     if let Some(last) = shape.last_mut() {
         *last = k;
     }
-    Some(Tensor { shape, data: Data::Bytes(out) })
+    Some(Tensor {
+        shape,
+        data: Data::Bytes(out),
+    })
 }
 
 #[cfg(test)]
@@ -392,10 +446,22 @@ mod tests {
 
     fn sig() -> Signature {
         Signature {
-            inputs: vec![TensorSpec { name: "x".into(), datatype: DataType::F32, shape: vec![-1, 2] }],
+            inputs: vec![TensorSpec {
+                name: "x".into(),
+                datatype: DataType::F32,
+                shape: vec![-1, 2],
+            }],
             outputs: vec![
-                TensorSpec { name: "p".into(), datatype: DataType::F32, shape: vec![-1, 3] },
-                TensorSpec { name: "l".into(), datatype: DataType::I64, shape: vec![-1] },
+                TensorSpec {
+                    name: "p".into(),
+                    datatype: DataType::F32,
+                    shape: vec![-1, 3],
+                },
+                TensorSpec {
+                    name: "l".into(),
+                    datatype: DataType::I64,
+                    shape: vec![-1],
+                },
             ],
             max_batch_size: 4,
         }
@@ -408,7 +474,14 @@ mod tests {
         let r = decode(body, None, &sig(), 32).unwrap();
         assert_eq!(r.rows, 2);
         assert_eq!(r.inputs[0].data, Data::F32(vec![1., 2., 3., 4.]));
-        assert_eq!(r.outputs, vec![OutputRequest { index: 1, binary: false, classification: None }]);
+        assert_eq!(
+            r.outputs,
+            vec![OutputRequest {
+                index: 1,
+                binary: false,
+                classification: None
+            }]
+        );
     }
 
     #[test]
@@ -451,13 +524,27 @@ mod tests {
     #[test]
     fn encode_mixes_json_and_binary_and_classifies() {
         let outs = vec![
-            Tensor { shape: vec![1, 3], data: Data::F32(vec![0.1, 0.7, 0.2]) },
-            Tensor { shape: vec![1], data: Data::I64(vec![1]) },
+            Tensor {
+                shape: vec![1, 3],
+                data: Data::F32(vec![0.1, 0.7, 0.2]),
+            },
+            Tensor {
+                shape: vec![1],
+                data: Data::I64(vec![1]),
+            },
         ];
         let labels = BTreeMap::from([("p".to_string(), vec!["a".into(), "b".into(), "c".into()])]);
         let wanted = [
-            OutputRequest { index: 0, binary: false, classification: Some(2) },
-            OutputRequest { index: 1, binary: true, classification: None },
+            OutputRequest {
+                index: 0,
+                binary: false,
+                classification: Some(2),
+            },
+            OutputRequest {
+                index: 1,
+                binary: true,
+                classification: None,
+            },
         ];
         let e = encode("m", "1", Some("r"), &sig(), &labels, &wanted, &outs).unwrap();
         let n = e.header_len.unwrap();

@@ -68,7 +68,9 @@ pub struct Registry {
 
 impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Registry").field("root", &self.root).finish()
+        f.debug_struct("Registry")
+            .field("root", &self.root)
+            .finish()
     }
 }
 
@@ -117,7 +119,10 @@ impl Registry {
     pub fn index(&self) -> Vec<IndexEntry> {
         let mut known: BTreeMap<String, Vec<IndexEntry>> = {
             let slots = self.slots.read().unwrap_or_else(|e| e.into_inner());
-            slots.iter().map(|(k, s)| (k.clone(), s.index.clone())).collect()
+            slots
+                .iter()
+                .map(|(k, s)| (k.clone(), s.index.clone()))
+                .collect()
         };
         if let Ok(names) = model_repo::list_models(&self.root) {
             for name in names {
@@ -126,7 +131,12 @@ impl Registry {
                         Ok(()) => String::new(),
                         Err(e) => e.to_string(),
                     };
-                    vec![IndexEntry { name, version: None, state: "UNAVAILABLE", reason }]
+                    vec![IndexEntry {
+                        name,
+                        version: None,
+                        state: "UNAVAILABLE",
+                        reason,
+                    }]
                 });
             }
         }

@@ -106,11 +106,10 @@ impl Server {
         let Ok(mut conns) = self.accept.await else {
             return false;
         };
-        let drained = tokio::time::timeout(grace, async {
-            while conns.join_next().await.is_some() {}
-        })
-        .await
-        .is_ok();
+        let drained =
+            tokio::time::timeout(grace, async { while conns.join_next().await.is_some() {} })
+                .await
+                .is_ok();
         if !drained {
             conns.abort_all();
         }

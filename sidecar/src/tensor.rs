@@ -254,7 +254,7 @@ impl Data {
                 .collect()
         }
         if let Some(size) = dt.element_size() {
-            if bytes.len() % size != 0 {
+            if !bytes.len().is_multiple_of(size) {
                 return Err(TensorError::BinaryLength {
                     datatype: dt,
                     got: bytes.len(),

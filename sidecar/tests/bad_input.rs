@@ -13,14 +13,27 @@ use tokio::net::TcpStream;
 const INFER: &str = "/v2/models/digits-mlp/versions/2/infer";
 
 fn input(shape: Value, datatype: &str, data: Value) -> Vec<u8> {
-    serde_json::to_vec(&json!({"inputs": [{"name": "input", "shape": shape, "datatype": datatype, "data": data}]})).unwrap()
+    serde_json::to_vec(
+        &json!({"inputs": [{"name": "input", "shape": shape, "datatype": datatype, "data": data}]}),
+    )
+    .unwrap()
 }
 
 async fn good_request_still_works(addr: std::net::SocketAddr, after: &str) {
     let case = &reference("digits-mlp", "2")["cases"][0];
     let r = post_json(addr, INFER, &case_request(case)).await.unwrap();
-    assert_eq!(r.status, 200, "after {after}: {}", String::from_utf8_lossy(&r.body));
-    assert_matches(&r.json(), case, &json!({}), &format!("good request after {after}"));
+    assert_eq!(
+        r.status,
+        200,
+        "after {after}: {}",
+        String::from_utf8_lossy(&r.body)
+    );
+    assert_matches(
+        &r.json(),
+        case,
+        &json!({}),
+        &format!("good request after {after}"),
+    );
     assert_eq!(get(addr, "/v2/health/live").await.unwrap().status, 200);
 }
 
@@ -38,8 +51,10 @@ async fn malformed_requests_get_4xx_json_and_server_survives() {
     let addr = server.addr;
     let zeros = |n: usize| json!(vec![0.0; n]);
     let bin_header = |size: usize| {
-        serde_json::to_vec(&json!({"inputs": [{"name": "input", "shape": [1, 784], "datatype": "FP32",
-            "parameters": {"binary_data_size": size}}]}))
+        serde_json::to_vec(
+            &json!({"inputs": [{"name": "input", "shape": [1, 784], "datatype": "FP32",
+            "parameters": {"binary_data_size": size}}]}),
+        )
         .unwrap()
     };
     let bin_body = |size: usize, bytes: usize| {
@@ -53,7 +68,14 @@ async fn malformed_requests_get_4xx_json_and_server_survives() {
         "]".repeat(100_000)
     );
     let h = |n: usize| n.to_string();
-    type Case = (&'static str, &'static str, String, Vec<(&'static str, String)>, Vec<u8>, u16);
+    type Case = (
+        &'static str,
+        &'static str,
+        String,
+        Vec<(&'static str, String)>,
+        Vec<u8>,
+        u16,
+    );
     let cases: Vec<Case> = vec![
         ("truncated JSON", "POST", INFER.into(), vec![], br#"{"inputs": [{"name": "input""#.to_vec(), 400),
         ("invalid JSON", "POST", INFER.into(), vec![], b"not json at all".to_vec(), 400),
@@ -105,10 +127,18 @@ async fn malformed_requests_get_4xx_json_and_server_survives() {
     for (name, method, path, headers, body, want) in cases {
         let hdrs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let r = request(addr, method, &path, &hdrs, &body).await.unwrap();
-        assert_eq!(r.status, want, "{name}: {}", String::from_utf8_lossy(&r.body));
+        assert_eq!(
+            r.status,
+            want,
+            "{name}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
         let err = r.error();
         assert!(!err.is_empty(), "{name}");
-        assert!(!err.contains("/work") && !err.contains(".onnx"), "{name} leaks: {err}");
+        assert!(
+            !err.contains("/work") && !err.contains(".onnx"),
+            "{name} leaks: {err}"
+        );
         good_request_still_works(addr, name).await;
     }
     server.shutdown(Duration::from_secs(5)).await;
@@ -126,11 +156,17 @@ async fn oversize_is_refused_before_the_body_is_read() {
     s.write_all(head.as_bytes()).await.unwrap();
     let started = Instant::now();
     let mut buf = vec![0u8; 4096];
-    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.unwrap().unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
     let r = parse_response(&buf[..n]).unwrap();
     assert_eq!(r.status, 413);
     assert!(r.error().contains("exceeds"));
-    assert!(started.elapsed() < Duration::from_millis(400), "413 waited for the body");
+    assert!(
+        started.elapsed() < Duration::from_millis(400),
+        "413 waited for the body"
+    );
 
     // Chunked, no length: cut off once the streamed size passes the limit.
     let mut s = TcpStream::connect(addr).await.unwrap();
@@ -140,7 +176,12 @@ async fn oversize_is_refused_before_the_body_is_read() {
     let (mut rd, mut wr) = s.into_split();
     let writer = tokio::spawn(async move {
         for _ in 0..32 {
-            let frame = [format!("{:x}\r\n", chunk.len()).into_bytes(), chunk.clone(), b"\r\n".to_vec()].concat();
+            let frame = [
+                format!("{:x}\r\n", chunk.len()).into_bytes(),
+                chunk.clone(),
+                b"\r\n".to_vec(),
+            ]
+            .concat();
             if wr.write_all(&frame).await.is_err() {
                 return;
             }
@@ -165,7 +206,10 @@ async fn slow_clients_are_cut_off() {
     // the 500 ms header timeout, long before the headers would finish.
     let mut s = TcpStream::connect(addr).await.unwrap();
     let started = Instant::now();
-    let head = format!("POST {INFER} HTTP/1.1\r\nHost: x\r\nX-Slow: {}\r\n\r\n", "a".repeat(100));
+    let head = format!(
+        "POST {INFER} HTTP/1.1\r\nHost: x\r\nX-Slow: {}\r\n\r\n",
+        "a".repeat(100)
+    );
     let mut closed = false;
     for b in head.bytes() {
         if s.write_all(&[b]).await.is_err() {
@@ -189,15 +233,23 @@ async fn slow_clients_are_cut_off() {
         }
     }
     assert!(closed, "trickled headers were never cut off");
-    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
 
     // Body trickled: 408 with a JSON error after the body timeout.
     let mut s = TcpStream::connect(addr).await.unwrap();
-    let head = format!("POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{{\"inputs\"");
+    let head =
+        format!("POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{{\"inputs\"");
     s.write_all(head.as_bytes()).await.unwrap();
     let started = Instant::now();
     let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
     let r = parse_response(&buf).unwrap();
     assert_eq!(r.status, 408);
     assert!(r.error().contains("timed out"));

@@ -44,18 +44,30 @@ fn row_cases(version: &str) -> Vec<Value> {
 }
 
 async fn infer_case(addr: SocketAddr, version: &str, case: &Value) -> anyhow::Result<Resp> {
-    post_json(addr, &format!("/v2/models/digits-mlp/versions/{version}/infer"), &case_request(case)).await
+    post_json(
+        addr,
+        &format!("/v2/models/digits-mlp/versions/{version}/infer"),
+        &case_request(case),
+    )
+    .await
 }
 
 async fn wait_pending(addr: SocketAddr, version: &str, n: f64) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let text = metrics(addr).await;
-        let p = metric(&text, "infermesh_sidecar_pending_requests", &[("model", "digits-mlp"), ("version", version)]);
+        let p = metric(
+            &text,
+            "infermesh_sidecar_pending_requests",
+            &[("model", "digits-mlp"), ("version", version)],
+        );
         if p >= n {
             return;
         }
-        assert!(Instant::now() < deadline, "pending never reached {n} (at {p})");
+        assert!(
+            Instant::now() < deadline,
+            "pending never reached {n} (at {p})"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -88,7 +100,10 @@ async fn concurrent_requests_are_coalesced_and_each_gets_its_answer() {
     let runs = metric(&after, "infermesh_sidecar_batch_size_count", &labels) - count0;
     let rows = metric(&after, "infermesh_sidecar_batch_size_sum", &labels) - sum0;
     assert_eq!(rows, 8.0, "every row ran once");
-    assert!(runs < 8.0, "8 concurrent requests ran in {runs} engine runs: no batching");
+    assert!(
+        runs < 8.0,
+        "8 concurrent requests ran in {runs} engine runs: no batching"
+    );
     server.shutdown(Duration::from_secs(5)).await;
 }
 
@@ -122,7 +137,15 @@ async fn full_queue_answers_429_and_slow_requests_504() {
     }
     let text = metrics(addr).await;
     assert_eq!(
-        metric(&text, "infermesh_sidecar_requests_total", &[("model", "digits-mlp"), ("version", "2"), ("outcome", "queue_full")]),
+        metric(
+            &text,
+            "infermesh_sidecar_requests_total",
+            &[
+                ("model", "digits-mlp"),
+                ("version", "2"),
+                ("outcome", "queue_full")
+            ]
+        ),
         1.0
     );
     server.shutdown(Duration::from_secs(5)).await;
@@ -135,10 +158,18 @@ async fn full_queue_answers_429_and_slow_requests_504() {
     let r = infer_case(server.addr, "2", &cases[0]).await.unwrap();
     assert_eq!(r.status, 504, "{}", String::from_utf8_lossy(&r.body));
     assert!(r.error().contains("timed out"));
-    assert!(started.elapsed() < Duration::from_millis(900), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
     let text = metrics(server.addr).await;
     assert_eq!(
-        metric(&text, "infermesh_sidecar_requests_total", &[("model", "digits-mlp"), ("outcome", "timeout")]),
+        metric(
+            &text,
+            "infermesh_sidecar_requests_total",
+            &[("model", "digits-mlp"), ("outcome", "timeout")]
+        ),
         1.0
     );
     server.shutdown(Duration::from_secs(5)).await;
@@ -161,7 +192,12 @@ async fn load_and_unload_never_fail_in_flight_requests() {
                 for i in 0..8 {
                     let case = &cases[(c + i) % cases.len()];
                     let r = infer_case(addr, "2", case).await.unwrap();
-                    assert_eq!(r.status, 200, "during reload: {}", String::from_utf8_lossy(&r.body));
+                    assert_eq!(
+                        r.status,
+                        200,
+                        "during reload: {}",
+                        String::from_utf8_lossy(&r.body)
+                    );
                     assert_matches(&r.json(), case, &json!({}), "during reload");
                     done += 1;
                 }
@@ -170,7 +206,15 @@ async fn load_and_unload_never_fail_in_flight_requests() {
         })
         .collect();
     for _ in 0..2 {
-        let r = request(addr, "POST", "/v2/repository/models/digits-mlp/load", &[], b"").await.unwrap();
+        let r = request(
+            addr,
+            "POST",
+            "/v2/repository/models/digits-mlp/load",
+            &[],
+            b"",
+        )
+        .await
+        .unwrap();
         assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     }
     for c in clients {
@@ -179,7 +223,15 @@ async fn load_and_unload_never_fail_in_flight_requests() {
 
     // Requests held in the batcher when the model is unloaded still finish.
     copy_model(&repo, "digits-mlp", Some(&mlp_config(800_000, 8)));
-    let r = request(addr, "POST", "/v2/repository/models/digits-mlp/load", &[], b"").await.unwrap();
+    let r = request(
+        addr,
+        "POST",
+        "/v2/repository/models/digits-mlp/load",
+        &[],
+        b"",
+    )
+    .await
+    .unwrap();
     assert_eq!(r.status, 200);
     let held: Vec<_> = (0..3)
         .map(|i| {
@@ -188,7 +240,15 @@ async fn load_and_unload_never_fail_in_flight_requests() {
         })
         .collect();
     wait_pending(addr, "2", 3.0).await;
-    let r = request(addr, "POST", "/v2/repository/models/digits-mlp/unload", &[], b"").await.unwrap();
+    let r = request(
+        addr,
+        "POST",
+        "/v2/repository/models/digits-mlp/unload",
+        &[],
+        b"",
+    )
+    .await
+    .unwrap();
     assert_eq!(r.status, 200);
     // New requests see the model gone at once.
     let r = infer_case(addr, "2", &cases[0]).await.unwrap();
@@ -197,16 +257,38 @@ async fn load_and_unload_never_fail_in_flight_requests() {
     assert_eq!(r.status, 503);
     for t in held {
         let (r, case) = t.await.unwrap();
-        assert_eq!(r.status, 200, "in-flight request failed on unload: {}", String::from_utf8_lossy(&r.body));
+        assert_eq!(
+            r.status,
+            200,
+            "in-flight request failed on unload: {}",
+            String::from_utf8_lossy(&r.body)
+        );
         assert_matches(&r.json(), &case, &json!({}), "in flight across unload");
     }
-    let idx = request(addr, "POST", "/v2/repository/index", &[], b"").await.unwrap().json();
-    assert!(idx.as_array().unwrap().iter().all(|e| e["state"] == "UNAVAILABLE"), "{idx}");
+    let idx = request(addr, "POST", "/v2/repository/index", &[], b"")
+        .await
+        .unwrap()
+        .json();
+    assert!(
+        idx.as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["state"] == "UNAVAILABLE"),
+        "{idx}"
+    );
     let text = metrics(addr).await;
     assert_eq!(metric(&text, "infermesh_sidecar_models_loaded", &[]), 0.0);
 
     // And back.
-    let r = request(addr, "POST", "/v2/repository/models/digits-mlp/load", &[], b"{}").await.unwrap();
+    let r = request(
+        addr,
+        "POST",
+        "/v2/repository/models/digits-mlp/load",
+        &[],
+        b"{}",
+    )
+    .await
+    .unwrap();
     assert_eq!(r.status, 200);
     let r = infer_case(addr, "2", &cases[1]).await.unwrap();
     assert_eq!(r.status, 200);

@@ -28,11 +28,21 @@ fn bad_flags_and_config_exit_64() {
         &["--listen", "not-an-address"],
         &["--queue-capacity", "0"],
         &["--log-format", "xml"],
-        &["--model-repository", "/nonexistent/infermesh-models", "--listen", "127.0.0.1:0"],
+        &[
+            "--model-repository",
+            "/nonexistent/infermesh-models",
+            "--listen",
+            "127.0.0.1:0",
+        ],
     ];
     for args in cases {
         let out = Command::new(BIN).args(*args).output().unwrap();
-        assert_eq!(out.status.code(), Some(64), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(
+            out.status.code(),
+            Some(64),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let out = Command::new(BIN)
         .env("INFERMESH_MAX_BODY_BYTES", "lots")
@@ -55,7 +65,14 @@ async fn sigterm_drains_in_flight_requests_and_exits_0() {
     });
     copy_model(&repo, "digits-mlp", Some(&config.to_string()));
     let mut child = Command::new(BIN)
-        .args(["--listen", "127.0.0.1:0", "--log-format", "json", "--grace-period-ms", "5000"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--grace-period-ms",
+            "5000",
+        ])
         .arg("--model-repository")
         .arg(&repo)
         .stderr(Stdio::piped())
@@ -77,7 +94,11 @@ async fn sigterm_drains_in_flight_requests_and_exits_0() {
             }
         }
     });
-    let addr: SocketAddr = rx.recv_timeout(Duration::from_secs(30)).unwrap().parse().unwrap();
+    let addr: SocketAddr = rx
+        .recv_timeout(Duration::from_secs(30))
+        .unwrap()
+        .parse()
+        .unwrap();
     wait_ready(addr).await.unwrap();
 
     let case = reference("digits-mlp", "2")["cases"][1].clone();
@@ -86,30 +107,53 @@ async fn sigterm_drains_in_flight_requests_and_exits_0() {
         .map(|_| {
             let case = case.clone();
             tokio::spawn(async move {
-                let r = post_json(addr, "/v2/models/digits-mlp/infer", &case_request(&case)).await.unwrap();
+                let r = post_json(addr, "/v2/models/digits-mlp/infer", &case_request(&case))
+                    .await
+                    .unwrap();
                 (r, case)
             })
         })
         .collect();
     // All requests are inside the server (held by the batching delay).
     let deadline = Instant::now() + Duration::from_secs(10);
-    while metric(&metrics(addr).await, "infermesh_sidecar_pending_requests", &[("model", "digits-mlp")]) < n as f64 {
+    while metric(
+        &metrics(addr).await,
+        "infermesh_sidecar_pending_requests",
+        &[("model", "digits-mlp")],
+    ) < n as f64
+    {
         assert!(Instant::now() < deadline, "requests never arrived");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let signalled = Instant::now();
-    let kill = Command::new("kill").args(["-TERM", &guard.0.id().to_string()]).status().unwrap();
+    let kill = Command::new("kill")
+        .args(["-TERM", &guard.0.id().to_string()])
+        .status()
+        .unwrap();
     assert!(kill.success());
     for f in flows {
         let (r, case) = f.await.unwrap();
-        assert_eq!(r.status, 200, "in-flight request cut by SIGTERM: {}", String::from_utf8_lossy(&r.body));
-        assert_matches(&r.json(), &case, &reference("digits-mlp", "2")["tolerance"], "drained request");
+        assert_eq!(
+            r.status,
+            200,
+            "in-flight request cut by SIGTERM: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert_matches(
+            &r.json(),
+            &case,
+            &reference("digits-mlp", "2")["tolerance"],
+            "drained request",
+        );
     }
     let status = loop {
         if let Some(s) = guard.0.try_wait().unwrap() {
             break s;
         }
-        assert!(signalled.elapsed() < Duration::from_secs(6), "did not exit within the grace period");
+        assert!(
+            signalled.elapsed() < Duration::from_secs(6),
+            "did not exit within the grace period"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_eq!(status.code(), Some(0));

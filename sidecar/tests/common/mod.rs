@@ -67,7 +67,11 @@ pub fn copy_model(repo: &Path, name: &str, config: Option<&str>) {
         if entry.file_type().unwrap().is_dir() {
             let v = entry.file_name();
             std::fs::create_dir_all(dst.join(&v)).unwrap();
-            std::fs::copy(entry.path().join("model.onnx"), dst.join(&v).join("model.onnx")).unwrap();
+            std::fs::copy(
+                entry.path().join("model.onnx"),
+                dst.join(&v).join("model.onnx"),
+            )
+            .unwrap();
         }
     }
     match config {
@@ -141,10 +145,17 @@ pub fn parse_response(buf: &[u8]) -> Result<Resp> {
         .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
         .collect();
     let mut body = buf[end + 4..].to_vec();
-    if let Some((_, n)) = headers.iter().find(|(k, _)| k.eq_ignore_ascii_case("content-length")) {
+    if let Some((_, n)) = headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+    {
         body.truncate(n.parse()?);
     }
-    Ok(Resp { status, headers, body })
+    Ok(Resp {
+        status,
+        headers,
+        body,
+    })
 }
 
 pub async fn request(
@@ -172,7 +183,14 @@ pub async fn get(addr: std::net::SocketAddr, path: &str) -> Result<Resp> {
 }
 
 pub async fn post_json(addr: std::net::SocketAddr, path: &str, v: &Value) -> Result<Resp> {
-    request(addr, "POST", path, &[("Content-Type", "application/json")], &serde_json::to_vec(v)?).await
+    request(
+        addr,
+        "POST",
+        path,
+        &[("Content-Type", "application/json")],
+        &serde_json::to_vec(v)?,
+    )
+    .await
 }
 
 /// reference.json of a model version.
@@ -199,7 +217,9 @@ pub fn case_request(case: &Value) -> Value {
 pub fn assert_matches(resp: &Value, case: &Value, tol: &Value, what: &str) {
     let atol = tol["atol"].as_f64().unwrap_or(1e-5);
     let rtol = tol["rtol"].as_f64().unwrap_or(1e-4);
-    let outs = resp["outputs"].as_array().unwrap_or_else(|| panic!("{what}: no outputs in {resp}"));
+    let outs = resp["outputs"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{what}: no outputs in {resp}"));
     let want = case["outputs"].as_object().unwrap();
     assert_eq!(outs.len(), want.len(), "{what}: output count");
     for o in outs {
@@ -215,7 +235,10 @@ pub fn assert_matches(resp: &Value, case: &Value, tol: &Value, what: &str) {
                 assert_eq!(g, e, "{what}: {name}[{i}]");
             } else {
                 let (g, e) = (g.as_f64().unwrap(), e.as_f64().unwrap());
-                assert!((g - e).abs() <= atol + rtol * e.abs(), "{what}: {name}[{i}] = {g}, reference {e}");
+                assert!(
+                    (g - e).abs() <= atol + rtol * e.abs(),
+                    "{what}: {name}[{i}] = {g}, reference {e}"
+                );
             }
         }
     }
@@ -225,7 +248,11 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
