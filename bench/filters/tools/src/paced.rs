@@ -19,6 +19,10 @@ const MAX_REQUESTS: f64 = 20_000_000.0;
 /// Largest response head or body the client accepts.
 const MAX_RESPONSE: usize = 1 << 20;
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long past the end of the schedule a run may go on. An overloaded
+/// target leaves the rest of the schedule unsent (counted in `unsent`)
+/// instead of stretching the run without bound.
+const OVERRUN: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -103,6 +107,7 @@ struct Samples {
     send_lag_us: Vec<u32>,
     errors: u64,
     non_2xx: u64,
+    unsent: u64,
     last_done: Option<Instant>,
 }
 
@@ -137,7 +142,7 @@ pub fn run(cfg: &Config) -> Result<Value, PacedError> {
     let mut latency = Vec::new();
     let mut service = Vec::new();
     let mut lag = Vec::new();
-    let (mut errors, mut non_2xx) = (0, 0);
+    let (mut errors, mut non_2xx, mut unsent) = (0, 0, 0);
     let mut last_done = None;
     for r in results {
         latency.extend(r.latency_us);
@@ -145,6 +150,7 @@ pub fn run(cfg: &Config) -> Result<Value, PacedError> {
         lag.extend(r.send_lag_us);
         errors += r.errors;
         non_2xx += r.non_2xx;
+        unsent += r.unsent;
         last_done = last_done.max(r.last_done);
     }
     let measured_start = start + Duration::from_secs_f64(warmup_n as f64 / cfg.rate);
@@ -159,6 +165,7 @@ pub fn run(cfg: &Config) -> Result<Value, PacedError> {
         "completed": completed,
         "errors": errors,
         "non_2xx": non_2xx,
+        "unsent": unsent,
         "rate_achieved": if window > 0.0 { completed as f64 / window } else { 0.0 },
         "latency_us": summary(&mut latency),
         "service_us": summary(&mut service),
@@ -191,7 +198,12 @@ fn connection(
     let mut conn: Option<Conn> = None;
     let step = cfg.connections as u64;
     let mut i = k as u64;
+    let deadline = start + Duration::from_secs_f64(total as f64 / cfg.rate) + OVERRUN;
     while i < total {
+        if Instant::now() > deadline {
+            out.unsent = (total - i).div_ceil(step);
+            break;
+        }
         let due = start + Duration::from_secs_f64(i as f64 / cfg.rate);
         let now = Instant::now();
         if due > now {

@@ -1,0 +1,534 @@
+#!/usr/bin/env python3
+"""Filter benchmark driver: Envoy native weighted_clusters vs Wasm filters.
+
+Started by bench/filters.sh, which builds and installs everything first.
+Standard library only. For each round and each variant (order rotated every
+round) it starts a fresh Envoy (--concurrency 1, pinned to core 0), checks
+routing, then measures:
+
+  sat    closed loop, wrk -t1 -c16 pinned to core 1: throughput, and Envoy
+         CPU per request from /proc/<pid>/stat (utime+stime) / requests
+  paced  open loop at RATE req/s (bench-tools paced, core 1): latency from
+         the scheduled send time, and Envoy CPU per request
+
+The upstream (bench-tools upstream, one tokio thread) is pinned to core 1
+with the load generator. Raw results go to bench/results/filters-*.json and
+a per-run CSV; the summary table goes to stdout.
+"""
+
+import csv
+import datetime as dt
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+RESULTS = os.path.join(ROOT, "bench", "results")
+ENVOY = os.environ.get("ENVOY", os.path.join(ROOT, ".tools", "bin", "envoy"))
+TOOLS = os.environ.get("BENCH_TOOLS", os.path.join(ROOT, "target", "release", "bench-tools"))
+WASM_DIR = os.environ.get("BENCH_WASM_DIR", os.path.join(RESULTS, "wasm"))
+CANARY_WASM = os.environ.get("CANARY_WASM", os.path.join(ROOT, "dist", "canary.wasm"))
+
+ROUNDS = int(os.environ.get("ROUNDS", "5"))
+DURATION = int(os.environ.get("DURATION", "10"))
+WARMUP = int(os.environ.get("WARMUP", "2"))
+RATE = float(os.environ.get("RATE", "3000"))
+CONNS = int(os.environ.get("CONNS", "16"))
+PACED_CONNS = int(os.environ.get("PACED_CONNS", "8"))
+KEYS = int(os.environ.get("KEYS", "1000"))
+BASE_PORT = int(os.environ.get("BASE_PORT", "28080"))
+ENVOY_CORE = os.environ.get("ENVOY_CORE", "0")
+LOAD_CORE = os.environ.get("LOAD_CORE", "1")
+VARIANTS = os.environ.get("VARIANTS", "native,noop,hash,canary").split(",")
+# A window is "clean" when other processes used at most this share of
+# Envoy's core during it; the second table uses clean windows only.
+CLEAN_MAX = float(os.environ.get("CLEAN_MAX", "0.10"))
+# Envoy, the load generators and the upstream run at this nice level, so
+# that builds and tests sharing the machine take less CPU from them.
+NICE = os.environ.get("NICE", "-10" if os.geteuid() == 0 else "0")
+
+PATH = "/v2/models/digits-mlp/infer"
+KEY_HEADER = "x-user-id"
+LISTEN, ADMIN = BASE_PORT, BASE_PORT + 10
+UPSTREAMS = {"v1": BASE_PORT + 1, "v2": BASE_PORT + 2, "default": BASE_PORT + 3}
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+CANARY_CFG = {
+    "splits": [{"model": "digits-mlp",
+                "versions": [{"name": "1", "weight": 90}, {"name": "2", "weight": 10}]}],
+    "sticky_key": [{"header": KEY_HEADER}],
+}
+
+# name -> (wasm file or None, pluginConfig string, route kind, description)
+ALL_VARIANTS = {
+    "native": (None, "", "weighted", "Envoy weighted_clusters 90/10, no Wasm"),
+    "noop": ("noop.wasm", "", "weighted", "no-op V8 filter + weighted_clusters"),
+    "hash": ("hash-route.wasm", "", "header", "minimal header-hash filter"),
+    "canary": (CANARY_WASM, json.dumps(CANARY_CFG), "header", "canary (dist/canary.wasm), defaults"),
+    # Attribution experiments: the minimal filter plus one canary cost each.
+    "hash+path": ("hash-route.wasm", "path", "header", "hash + read :path"),
+    "hash+strip": ("hash-route.wasm", "strip", "header", "hash + whole header map, strip x-infermesh-*"),
+    "hash+metric": ("hash-route.wasm", "metric", "header", "hash + increment_metric"),
+    "hash+servedby": ("hash-route.wasm", "served-by", "header", "hash + format/set response header"),
+    "hash+all": ("hash-route.wasm", "path strip metric served-by", "header", "hash + all four"),
+    # Canary config switches (same module).
+    "canary-noserved": (CANARY_WASM, json.dumps({**CANARY_CFG, "served_by_header": False}),
+                        "header", "canary, served_by_header=false"),
+    "canary-trust": (CANARY_WASM, json.dumps({**CANARY_CFG, "trust_downstream_headers": True}),
+                     "header", "canary, trust_downstream_headers=true (no strip)"),
+}
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def cluster(name, port):
+    return (f"  - {{name: {name}, type: STATIC, connect_timeout: 1s, load_assignment: "
+            f"{{cluster_name: {name}, endpoints: [{{lb_endpoints: [{{endpoint: {{address: "
+            f"{{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}}}}}]}}]}}}}\n")
+
+
+def envoy_config(variant):
+    wasm, plugin_cfg, routes, _ = ALL_VARIANTS[variant]
+    if routes == "weighted":
+        route_yaml = """              - match: {prefix: "/"}
+                route:
+                  weighted_clusters:
+                    clusters: [{name: v1, weight: 90}, {name: v2, weight: 10}]
+"""
+    else:
+        route_yaml = """              - match: {prefix: "/", headers: [{name: x-infermesh-version, string_match: {exact: "1"}}]}
+                route: {cluster: v1}
+              - match: {prefix: "/", headers: [{name: x-infermesh-version, string_match: {exact: "2"}}]}
+                route: {cluster: v2}
+              - match: {prefix: "/"}
+                route: {cluster: default}
+"""
+    wasm_yaml = ""
+    if wasm:
+        path = wasm if os.path.isabs(wasm) else os.path.join(WASM_DIR, wasm)
+        wasm_yaml = f"""          - name: bench-wasm
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+              config:
+                name: bench
+                root_id: {"canary" if "canary" in variant else "bench"}
+                vm_config:
+                  runtime: envoy.wasm.runtime.v8
+                  code: {{local: {{filename: {path}}}}}
+                configuration:
+                  "@type": type.googleapis.com/google.protobuf.StringValue
+                  value: {json.dumps(plugin_cfg)}
+"""
+    return f"""admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {ADMIN}}}}}}}
+static_resources:
+  listeners:
+  - name: l
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {LISTEN}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: ing
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+{route_yaml}          http_filters:
+          - name: envoy.filters.http.cors
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors}}
+{wasm_yaml}          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+  clusters:
+{cluster("v1", UPSTREAMS["v1"])}{cluster("v2", UPSTREAMS["v2"])}{cluster("default", UPSTREAMS["default"])}"""
+
+
+def http_get(url, headers=None, timeout=2.0):
+    req = urllib.request.Request(url, headers=headers or {})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return resp.status, dict(resp.headers), resp.read()
+
+
+def wait_for(pred, what, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            if pred():
+                return
+        except Exception as e:  # noqa: BLE001 - retried until the deadline
+            last = e
+        time.sleep(0.05)
+    raise RuntimeError(f"timed out waiting for {what} (last error: {last})")
+
+
+def proc_cpu_ticks(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # fields[0] is state (field 3); utime, stime are fields 14, 15.
+    return int(fields[11]) + int(fields[12])
+
+
+def core_ticks():
+    """Per-core (busy, total, steal) ticks from /proc/stat."""
+    out = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            m = re.match(r"cpu(\d+) (.*)", line)
+            if m:
+                v = [int(x) for x in m.group(2).split()]
+                idle = v[3] + v[4]
+                out[m.group(1)] = (sum(v[:8]) - idle, sum(v[:8]), v[7])
+    return out
+
+
+def loadavg():
+    with open("/proc/loadavg") as f:
+        return float(f.read().split()[0])
+
+
+def hits():
+    _, _, body = http_get(f"http://127.0.0.1:{UPSTREAMS['v1']}/__hits")
+    counts = json.loads(body)
+    return {name: counts[str(port)] for name, port in UPSTREAMS.items()}
+
+
+def rq_completed():
+    _, _, body = http_get(f"http://127.0.0.1:{ADMIN}/stats?filter=^http.ing.downstream_rq_completed$")
+    m = re.search(rb"downstream_rq_completed: (\d+)", body)
+    if not m:
+        raise RuntimeError(f"no downstream_rq_completed in admin stats: {body[:200]!r}")
+    return int(m.group(1))
+
+
+class Window:
+    """Envoy CPU, requests, upstream hits and core usage over one load run."""
+
+    def __init__(self, pid):
+        self.pid = pid
+
+    def __enter__(self):
+        self.rq0, self.hits0 = rq_completed(), hits()
+        self.cores0, self.cpu0, self.t0 = core_ticks(), proc_cpu_ticks(self.pid), time.monotonic()
+        return self
+
+    def __exit__(self, *exc):
+        if exc[0] is not None:
+            return False
+        self.wall = time.monotonic() - self.t0
+        cpu = proc_cpu_ticks(self.pid) - self.cpu0
+        cores = core_ticks()
+        self.rq = rq_completed() - self.rq0
+        h1 = hits()
+        self.hits = {k: h1[k] - self.hits0[k] for k in h1}
+        self.envoy_cpu_s = cpu / CLK_TCK
+        self.cpu_us_per_rq = self.envoy_cpu_s * 1e6 / self.rq if self.rq else float("nan")
+        d = {c: tuple(a - b for a, b in zip(cores[c], self.cores0[c])) for c in cores}
+        busy_e, total_e, steal_e = d[ENVOY_CORE]
+        busy_l, total_l, _ = d[LOAD_CORE]
+        self.envoy_util = cpu / total_e if total_e else float("nan")
+        # Core-0 time not spent by Envoy: other processes (another build or
+        # test) competing with Envoy. The main noise indicator.
+        self.other_on_envoy_core = max(0.0, (busy_e - cpu) / total_e) if total_e else float("nan")
+        self.steal_on_envoy_core = steal_e / total_e if total_e else float("nan")
+        self.load_core_busy = busy_l / total_l if total_l else float("nan")
+        return False
+
+    def record(self):
+        total = sum(self.hits.values())
+        return {
+            "requests": self.rq, "wall_s": round(self.wall, 3),
+            "envoy_cpu_s": self.envoy_cpu_s, "cpu_us_per_rq": self.cpu_us_per_rq,
+            "envoy_util": self.envoy_util, "other_on_envoy_core": self.other_on_envoy_core,
+            "steal_on_envoy_core": self.steal_on_envoy_core, "load_core_busy": self.load_core_busy,
+            "upstream_hits": self.hits,
+            "v2_share": self.hits["v2"] / total if total else float("nan"),
+        }
+
+
+def pinned(core, cmd):
+    return ["nice", "-n", NICE, "taskset", "-c", core] + cmd
+
+
+def run_wrk(duration):
+    env = {**os.environ, "KEYS": str(KEYS), "BENCH_PATH": PATH, "KEY_HEADER": KEY_HEADER}
+    cmd = pinned(LOAD_CORE, ["wrk", "-t1", f"-c{CONNS}", f"-d{duration}s", "--latency",
+                             "-s", os.path.join(ROOT, "bench", "envoy", "wrk-keys.lua"),
+                             f"http://127.0.0.1:{LISTEN}{PATH}"])
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+    m = re.search(r"(\d+) requests in ([\d.]+)s", out)
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if not (m and rps):
+        raise RuntimeError(f"cannot parse wrk output:\n{out}")
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    sock = re.search(r"Socket errors: (.*)", out)
+    lat = dict(re.findall(r"^\s+(50|75|90|99)%\s+(\S+)", out, re.M))
+    return {"wrk_requests": int(m.group(1)), "wrk_rps": float(rps.group(1)),
+            "non_2xx": int(non2xx.group(1)) if non2xx else 0,
+            "socket_errors": sock.group(1) if sock else "", "wrk_latency": lat}
+
+
+def run_paced(duration):
+    cmd = pinned(LOAD_CORE, [TOOLS, "paced", "--addr", f"127.0.0.1:{LISTEN}",
+                             "--rate", str(RATE), "--duration", str(duration), "--warmup", str(WARMUP),
+                             "--connections", str(PACED_CONNS), "--path", PATH,
+                             "--key-header", KEY_HEADER, "--keys", str(KEYS)])
+    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(res.stdout)
+
+
+def start_envoy(variant, workdir):
+    cfg = os.path.join(workdir, f"envoy-{variant}.yaml")
+    with open(cfg, "w") as f:
+        f.write(envoy_config(variant))
+    logf = open(os.path.join(workdir, f"envoy-{variant}.log"), "w")
+    p = subprocess.Popen(pinned(ENVOY_CORE, [ENVOY, "-c", cfg, "--concurrency", "1",
+                                             "--disable-hot-restart", "-l", "warning"]),
+                         stdout=logf, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: p.poll() is None and http_get(f"http://127.0.0.1:{ADMIN}/ready")[0] == 200,
+                 f"envoy ({variant}) ready")
+    except Exception:
+        stop(p)
+        with open(logf.name) as f:
+            log(f.read()[-3000:])
+        raise
+    return p
+
+
+def stop(p):
+    if p.poll() is None:
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def check_routing(variant):
+    """One keyed request must answer 200; header variants must route by key."""
+    status, headers, body = http_get(f"http://127.0.0.1:{LISTEN}{PATH}", {KEY_HEADER: "user-1"})
+    if status != 200 or b"digits-mlp" not in body:
+        raise RuntimeError(f"{variant}: bad answer {status} {body[:200]!r}")
+    return headers.get("x-infermesh-served-by")
+
+
+def one_run(variant, rnd, workdir):
+    load0 = loadavg()
+    p = start_envoy(variant, workdir)
+    try:
+        served_by = check_routing(variant)
+        run_wrk(WARMUP)  # V8 tiering, connection setup, caches
+        with Window(p.pid) as w:
+            sat = run_wrk(DURATION)
+        sat.update(w.record())
+        with Window(p.pid) as w:
+            paced = run_paced(DURATION)
+        paced.update(w.record())
+    finally:
+        stop(p)
+    return {"variant": variant, "round": rnd, "loadavg_before": load0,
+            "served_by_user1": served_by, "sat": sat, "paced": paced}
+
+
+def med_range(xs):
+    xs = [x for x in xs if x == x]
+    if not xs:
+        return float("nan"), float("nan"), float("nan")
+    return statistics.median(xs), min(xs), max(xs)
+
+
+def fmt(m, lo, hi, spec):
+    return f"{m:{spec}} ({lo:{spec}}–{hi:{spec}})"
+
+
+def summarise(runs, variants):
+    by = {(r["variant"], r["round"]): r for r in runs}
+    rounds = sorted({r["round"] for r in runs})
+    rows = []
+    for v in variants:
+        vr = [by[(v, n)] for n in rounds if (v, n) in by]
+        row = {"variant": v, "description": ALL_VARIANTS[v][3]}
+        metrics = {
+            "sat_rps": [r["sat"]["wrk_rps"] for r in vr],
+            "sat_cpu_us": [r["sat"]["cpu_us_per_rq"] for r in vr],
+            "paced_cpu_us": [r["paced"]["cpu_us_per_rq"] for r in vr],
+            "paced_p50_us": [r["paced"]["latency_us"]["p50"] for r in vr],
+            "paced_p99_us": [r["paced"]["latency_us"]["p99"] for r in vr],
+            "sat_envoy_util": [r["sat"]["envoy_util"] for r in vr],
+            "other_on_envoy_core": [max(r["sat"]["other_on_envoy_core"], r["paced"]["other_on_envoy_core"]) for r in vr],
+            "v2_share": [r["sat"]["v2_share"] for r in vr],
+        }
+        for k, xs in metrics.items():
+            row[k] = med_range(xs)
+        # Paired with native in the same round: cancels slow drift in noise.
+        if "native" in variants:
+            def paired(f, op):
+                return [op(f(by[(v, n)]), f(by[("native", n)])) for n in rounds
+                        if (v, n) in by and ("native", n) in by]
+            sub = lambda a, b: a - b  # noqa: E731
+            row["rps_ratio"] = med_range(paired(lambda r: r["sat"]["wrk_rps"], lambda a, b: a / b))
+            row["added_sat_cpu_us"] = med_range(paired(lambda r: r["sat"]["cpu_us_per_rq"], sub))
+            row["added_paced_cpu_us"] = med_range(paired(lambda r: r["paced"]["cpu_us_per_rq"], sub))
+            row["added_p50_us"] = med_range(paired(lambda r: r["paced"]["latency_us"]["p50"], sub))
+            row["added_p99_us"] = med_range(paired(lambda r: r["paced"]["latency_us"]["p99"], sub))
+        rows.append(row)
+    return rows
+
+
+def print_table(rows):
+    print("\nmedian (min–max) over rounds; 'added' and 'ratio' are paired with native in the same round")
+    hdr = ["variant", "sat req/s", "ratio", "CPU µs/req (sat)", "+CPU µs (sat)",
+           "CPU µs/req (paced)", "+CPU µs (paced)", "p50 µs", "+p50 µs", "p99 µs", "+p99 µs", "v2 share"]
+    lines = [hdr]
+    for r in rows:
+        g = lambda k, s: fmt(*r[k], s) if k in r else "-"  # noqa: E731
+        lines.append([r["variant"], g("sat_rps", ".0f"), g("rps_ratio", ".3f"), g("sat_cpu_us", ".1f"),
+                      g("added_sat_cpu_us", "+.1f"), g("paced_cpu_us", ".1f"), g("added_paced_cpu_us", "+.1f"),
+                      g("paced_p50_us", ".0f"), g("added_p50_us", "+.0f"), g("paced_p99_us", ".0f"),
+                      g("added_p99_us", "+.0f"), f"{r['v2_share'][0]:.3f}"])
+    print("| " + " | ".join(lines[0]) + " |")
+    print("|" + "---|" * len(lines[0]))
+    for ln in lines[1:]:
+        print("| " + " | ".join(ln) + " |")
+    print("\nnoise: Envoy core utilisation at saturation, and core-%s time used by other processes" % ENVOY_CORE)
+    for r in rows:
+        u, o = r["sat_envoy_util"], r["other_on_envoy_core"]
+        print(f"  {r['variant']:<16} envoy util {fmt(*u, '.2f')}  other on core {ENVOY_CORE}: {fmt(*o, '.3f')}")
+
+
+def clean_summary(runs, variants, clean_max):
+    """Medians over the windows in which other processes used at most
+    `clean_max` of Envoy's core; 'added' and 'ratio' compare medians."""
+    def vals(v, window, f):
+        return [f(r[window]) for r in runs
+                if r["variant"] == v and r[window]["other_on_envoy_core"] <= clean_max]
+    metrics = {
+        "sat_rps": ("sat", lambda w: w["wrk_rps"]),
+        "sat_cpu_us": ("sat", lambda w: w["cpu_us_per_rq"]),
+        "paced_cpu_us": ("paced", lambda w: w["cpu_us_per_rq"]),
+        "paced_p50_us": ("paced", lambda w: w["latency_us"]["p50"]),
+        "paced_p99_us": ("paced", lambda w: w["latency_us"]["p99"]),
+    }
+    rows = []
+    for v in variants:
+        row = {"variant": v}
+        for k, (window, f) in metrics.items():
+            xs = vals(v, window, f)
+            row[k] = med_range(xs) + (len(xs),)
+        rows.append(row)
+    base = next((r for r in rows if r["variant"] == "native"), None)
+    if base:
+        for r in rows:
+            r["rps_ratio"] = r["sat_rps"][0] / base["sat_rps"][0] if base["sat_rps"][3] else float("nan")
+            for k in ("sat_cpu_us", "paced_cpu_us", "paced_p50_us", "paced_p99_us"):
+                r["added_" + k] = r[k][0] - base[k][0]
+    return rows
+
+
+def print_clean(rows, clean_max):
+    print(f"\nclean windows only (other processes used <= {clean_max:.0%} of core {ENVOY_CORE}); "
+          "median (min–max, n); added/ratio = difference/ratio of medians vs native")
+    hdr = ["variant", "sat req/s", "ratio", "CPU µs/req (sat)", "+CPU", "CPU µs/req (paced)", "+CPU",
+           "p50 µs", "+p50", "p99 µs", "+p99"]
+    print("| " + " | ".join(hdr) + " |")
+    print("|" + "---|" * len(hdr))
+    for r in rows:
+        def g(k, spec):
+            m, lo, hi, n = r[k]
+            return f"{m:{spec}} ({lo:{spec}}–{hi:{spec}}, n={n})" if n else "n=0"
+
+        def a(k, spec):
+            return f"{r.get(k, float('nan')):{spec}}"
+        print("| " + " | ".join([
+            r["variant"], g("sat_rps", ".0f"), a("rps_ratio", ".3f"), g("sat_cpu_us", ".1f"),
+            a("added_sat_cpu_us", "+.1f"), g("paced_cpu_us", ".1f"), a("added_paced_cpu_us", "+.1f"),
+            g("paced_p50_us", ".0f"), a("added_paced_p50_us", "+.0f"), g("paced_p99_us", ".0f"),
+            a("added_paced_p99_us", "+.0f")]) + " |")
+
+
+def main():
+    if len(sys.argv) == 3 and sys.argv[1] == "--summarise":
+        with open(sys.argv[2]) as f:
+            data = json.load(f)
+        variants = data["meta"]["variants"]
+        print_table(summarise(data["runs"], variants))
+        print_clean(clean_summary(data["runs"], variants, CLEAN_MAX), CLEAN_MAX)
+        return
+    unknown = [v for v in VARIANTS if v not in ALL_VARIANTS]
+    if unknown:
+        sys.exit(f"unknown VARIANTS {unknown}; known: {', '.join(ALL_VARIANTS)}")
+    os.makedirs(RESULTS, exist_ok=True)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    workdir = os.path.join(RESULTS, f"filters-{stamp}")
+    os.makedirs(workdir)
+    up_log = open(os.path.join(workdir, "upstream.log"), "w")
+    upstream = subprocess.Popen(pinned(LOAD_CORE, [TOOLS, "upstream"] +
+                                       [a for port in UPSTREAMS.values() for a in ("--listen", f"127.0.0.1:{port}")]),
+                                stdout=up_log, stderr=subprocess.STDOUT)
+    runs = []
+    meta = {
+        "started": stamp, "rounds": ROUNDS, "duration_s": DURATION, "warmup_s": WARMUP, "rate": RATE,
+        "connections": CONNS, "paced_connections": PACED_CONNS, "keys": KEYS, "variants": VARIANTS,
+        "envoy_core": ENVOY_CORE, "load_core": LOAD_CORE, "nice": NICE,
+        "envoy_version": subprocess.run([ENVOY, "--version"], capture_output=True, text=True).stdout.strip(),
+        "kernel": os.uname().release,
+        "canary_sha256": subprocess.run(["sha256sum", CANARY_WASM], capture_output=True, text=True).stdout.split(" ")[0],
+        "configs": {v: ALL_VARIANTS[v][1] for v in VARIANTS},
+    }
+    try:
+        wait_for(lambda: upstream.poll() is None and hits() is not None, "upstream")
+        for rnd in range(ROUNDS):
+            order = VARIANTS[rnd % len(VARIANTS):] + VARIANTS[:rnd % len(VARIANTS)]
+            for v in order:
+                r = one_run(v, rnd, workdir)
+                runs.append(r)
+                s, pc = r["sat"], r["paced"]
+                log(f"round {rnd} {v:<14} load {r['loadavg_before']:.2f}  sat {s['wrk_rps']:.0f} req/s "
+                    f"{s['cpu_us_per_rq']:.1f} µs/req (util {s['envoy_util']:.2f}, other {s['other_on_envoy_core']:.3f})  "
+                    f"paced {pc['rate_achieved']:.0f} req/s p50 {pc['latency_us']['p50']} p99 {pc['latency_us']['p99']} µs "
+                    f"{pc['cpu_us_per_rq']:.1f} µs/req  v2 {s['v2_share']:.3f} default {s['upstream_hits']['default']}"
+                    f"{'  NON-2XX ' + str(s['non_2xx']) if s['non_2xx'] or pc['non_2xx'] or pc['errors'] else ''}"
+                    f"{'  OVERLOADED: ' + str(pc['unsent']) + ' unsent' if pc.get('unsent') else ''}")
+    finally:
+        upstream.send_signal(signal.SIGINT)
+        try:
+            upstream.wait(5)
+        except subprocess.TimeoutExpired:
+            upstream.kill()
+        rows = summarise(runs, VARIANTS) if runs else []
+        out = os.path.join(RESULTS, f"filters-{stamp}.json")
+        with open(out, "w") as f:
+            json.dump({"meta": meta, "runs": runs, "summary": rows}, f, indent=1)
+        with open(os.path.join(RESULTS, f"filters-{stamp}.csv"), "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["variant", "round", "loadavg", "sat_rps", "sat_cpu_us", "sat_envoy_util",
+                        "sat_other_core", "paced_rate", "paced_cpu_us", "p50_us", "p99_us", "p999_us",
+                        "send_lag_p99_us", "paced_other_core", "v2_share", "errors", "unsent"])
+            for r in runs:
+                s, p = r["sat"], r["paced"]
+                w.writerow([r["variant"], r["round"], r["loadavg_before"], s["wrk_rps"], s["cpu_us_per_rq"],
+                            s["envoy_util"], s["other_on_envoy_core"], p["rate_achieved"], p["cpu_us_per_rq"],
+                            p["latency_us"]["p50"], p["latency_us"]["p99"], p["latency_us"]["p999"],
+                            p["send_lag_us"]["p99"], p["other_on_envoy_core"], s["v2_share"],
+                            s["non_2xx"] + p["non_2xx"] + p["errors"], p.get("unsent", 0)])
+        log(f"raw results: {out}")
+    print(f"envoy: {meta['envoy_version']}\nrounds={ROUNDS} duration={DURATION}s rate={RATE:.0f}/s "
+          f"wrk -t1 -c{CONNS}; envoy core {ENVOY_CORE}, load+upstream core {LOAD_CORE}, nice {NICE}")
+    print_table(rows)
+    if runs:
+        print_clean(clean_summary(runs, VARIANTS, CLEAN_MAX), CLEAN_MAX)
+
+
+if __name__ == "__main__":
+    main()

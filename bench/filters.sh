@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Filter benchmark: Envoy native weighted_clusters vs Wasm filters on V8
+# (no-op floor, minimal header-hash filter, the canary filter).
+#
+# Envoy runs with --concurrency 1 pinned to core 0; wrk, the paced client
+# and the upstream (a one-thread hyper server) share core 1. Each round
+# starts a fresh Envoy per variant, in an order rotated every round.
+# Results: a table on stdout, raw JSON and CSV in bench/results/.
+#
+# Knobs (env):
+#   ROUNDS=5        rounds of every variant
+#   DURATION=10     seconds per measured run (saturation and paced each)
+#   RATE=3000       paced rate, req/s
+#   WARMUP=2        seconds of unmeasured load before each measurement
+#   VARIANTS=native,noop,hash,canary   (see bench/envoy/run_filters.py for
+#                   the attribution variants: hash+path, hash+strip,
+#                   hash+metric, hash+servedby, hash+all, canary-noserved,
+#                   canary-trust)
+#   REBUILD_CANARY=1  rebuild dist/canary.wasm with ./wasm-build.sh even if present
+#   BASE_PORT=28080 loopback ports BASE_PORT..BASE_PORT+10
+#   NICE=-10        nice level of Envoy, load and upstream (0 when not root)
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+[ "$(nproc)" -ge 2 ] || { echo "filters.sh: needs 2 cores (Envoy on 0, load on 1)" >&2; exit 1; }
+
+if ! command -v wrk >/dev/null 2>&1; then
+  echo "filters.sh: installing wrk" >&2
+  apt-get install -y wrk >/dev/null || { apt-get update >/dev/null && apt-get install -y wrk >/dev/null; }
+fi
+command -v taskset >/dev/null || { echo "filters.sh: taskset (util-linux) is missing" >&2; exit 1; }
+[ -x .tools/bin/envoy ] || scripts/tools.sh envoy
+if [ "${REBUILD_CANARY:-0}" = 1 ] || [ ! -f dist/canary.wasm ]; then
+  ./wasm-build.sh
+fi
+
+cargo build --release -p bench-tools
+cargo build --target wasm32-wasip1 --profile wasm -p bench-noop -p bench-hash-route
+mkdir -p bench/results/wasm
+for f in noop hash-route; do
+  src="target/wasm32-wasip1/wasm/bench_${f//-/_}.wasm"
+  dst="bench/results/wasm/$f.wasm"
+  if command -v wasm-opt >/dev/null 2>&1; then
+    # The same flags wasm-build.sh uses for the product filters.
+    wasm-opt -Oz --strip-debug --strip-producers \
+      --enable-bulk-memory --enable-sign-ext --enable-nontrapping-float-to-int \
+      --enable-mutable-globals --enable-multivalue --enable-reference-types \
+      "$src" -o "$dst"
+  else
+    cp "$src" "$dst"
+  fi
+done
+
+echo "filters.sh: load before start: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+exec python3 bench/envoy/run_filters.py
