@@ -143,7 +143,9 @@ pub fn list_models(root: &Path) -> Result<Vec<String>, RepoError> {
     let entries = std::fs::read_dir(root).map_err(|_| RepoError::Unreadable)?;
     let mut names: Vec<String> = entries
         .filter_map(Result::ok)
-        .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
+        // `is_dir` on the path follows symlinks: Kubernetes volumes (ConfigMaps,
+        // projected and CSI volumes) present model directories as links.
+        .filter(|e| e.path().is_dir())
         .filter_map(|e| e.file_name().into_string().ok())
         .filter(|n| !n.starts_with('.'))
         .collect();
@@ -177,7 +179,7 @@ pub fn scan_model(root: &Path, name: &str) -> Result<ModelPlan, RepoError> {
         .map_err(|_| RepoError::Unreadable)?
         .filter_map(Result::ok)
     {
-        if !entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+        if !entry.path().is_dir() {
             continue;
         }
         if let Some(v) = entry.file_name().to_str().and_then(parse_version) {
@@ -428,6 +430,26 @@ mod tests {
         "outputs": [{"name": "label", "datatype": "INT64", "shape": [-1]},
                     {"name": "probabilities", "datatype": "FP32", "shape": [-1, 2]}],
         "labels": {"probabilities": ["a", "b"]}, "description": "d"}"#;
+
+    #[test]
+    fn follows_symlinked_model_and_version_directories() {
+        // As a Kubernetes volume (or the local mesh) lays a repository out.
+        let tmp = std::env::temp_dir().join(format!("infermesh-repo-links-{}", std::process::id()));
+        let real = tmp.join("real/m/3");
+        std::fs::create_dir_all(&real).unwrap();
+        std::fs::write(real.join("model.onnx"), b"not read by the scan").unwrap();
+        let repo = tmp.join("repo");
+        std::fs::create_dir_all(repo.join("linked")).unwrap();
+        std::os::unix::fs::symlink(&real, repo.join("linked/3")).unwrap();
+        std::os::unix::fs::symlink(tmp.join("real/m"), repo.join("whole")).unwrap();
+        let names = list_models(&repo).unwrap();
+        let linked = scan_model(&repo, "linked").map(|p| p.versions.len());
+        let whole = scan_model(&repo, "whole").map(|p| p.versions.len());
+        std::fs::remove_dir_all(&tmp).ok();
+        assert_eq!(names, ["linked", "whole"]);
+        assert_eq!(linked.ok(), Some(1));
+        assert_eq!(whole.ok(), Some(1));
+    }
 
     #[test]
     fn parses_the_documented_example() {
