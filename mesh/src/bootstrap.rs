@@ -112,6 +112,7 @@ pub struct Bootstrap {
     extra_filters: Vec<Value>,
     wasm: Vec<WasmFilter>,
     max_request_headers: Option<u32>,
+    listener_port: u16,
 }
 
 impl Default for Bootstrap {
@@ -134,7 +135,15 @@ impl Bootstrap {
             extra_filters: Vec::new(),
             wasm: Vec::new(),
             max_request_headers: None,
+            listener_port: 0,
         }
+    }
+
+    /// Listens on `127.0.0.1:port` instead of an ephemeral port (for a
+    /// mesh a person points a client at).
+    pub fn listener_port(mut self, port: u16) -> Bootstrap {
+        self.listener_port = port;
+        self
     }
 
     /// A STATIC cluster `name` with one endpoint.
@@ -289,7 +298,7 @@ impl Bootstrap {
             "static_resources": {
                 "listeners": [{
                     "name": "outbound",
-                    "address": loopback0,
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": self.listener_port}},
                     "filter_chains": [{"filters": [{
                         "name": "envoy.filters.network.http_connection_manager",
                         "typed_config": hcm,

@@ -16,6 +16,7 @@
 pub mod bootstrap;
 pub mod client;
 pub mod envoy;
+pub mod sidecar;
 pub mod stats;
 pub mod upstream;
 pub mod wasm;
