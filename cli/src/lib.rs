@@ -3,6 +3,8 @@
 //! filter would take for a request (`explain`), using the same core code
 //! the filters run in Envoy.
 
+pub mod demo;
 pub mod explain;
+pub mod local;
 pub mod manifest;
 pub mod validate;

@@ -11,6 +11,14 @@ const USAGE: &str = "\
 infermesh: ML model rollout and failover in the service mesh
 
 USAGE:
+  infermesh demo [--port PORT]
+      Start the local mesh and drive traffic through it: routing on OIP
+      paths and aliases, the sticky 90/10 canary, a scheduled step to 50%,
+      and what Envoy counted. Exit 1 if a check fails.
+  infermesh up [--port PORT] [--canary PERCENT]
+      Start the local mesh and keep it running until Ctrl-C: a real Envoy
+      (V8) with model-router and canary in front of two inference
+      sidecars (versions 1 and 2 of the example models).
   infermesh validate [--filter NAME] PATH...
       Check pluginConfig files (*.json; the filter is taken from the file
       name, e.g. canary.json, or --filter) and the pluginConfig of every
@@ -29,6 +37,8 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("validate") => run_validate(args.get(1..).unwrap_or_default()),
+        Some("up") => run_up(args.get(1..).unwrap_or_default()),
+        Some("demo") => run_demo(args.get(1..).unwrap_or_default()),
         Some("explain") => run_explain(args.get(1..).unwrap_or_default()),
         Some("-h" | "--help" | "help") => {
             print!("{USAGE}");
@@ -155,4 +165,82 @@ fn run_explain(args: &[String]) -> Result<ExitCode, String> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Options shared by `up` and `demo`.
+fn mesh_args(args: &[String]) -> Result<(u16, f64), String> {
+    let mut port = 18080;
+    let mut canary = 10.0;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = || it.next().ok_or_else(|| format!("{a} needs a value"));
+        match a.as_str() {
+            "--port" => {
+                let v = value()?;
+                port = v
+                    .parse()
+                    .map_err(|_| format!("--port {v:?} is not a port"))?;
+            }
+            "--canary" => {
+                let v = value()?;
+                canary = v
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|p| (0.0..=100.0).contains(p))
+                    .ok_or_else(|| format!("--canary {v:?} is not a percentage"))?;
+            }
+            other => return Err(format!("unknown argument {other:?}\n\n{USAGE}")),
+        }
+    }
+    Ok((port, canary))
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))
+}
+
+fn run_demo(args: &[String]) -> Result<ExitCode, String> {
+    let (port, _) = mesh_args(args)?;
+    let root = mesh::repo_root();
+    match runtime()?.block_on(infermesh::demo::run(&root, port)) {
+        Ok(report) => {
+            print!("{report}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(report) => {
+            print!("{report}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+fn run_up(args: &[String]) -> Result<ExitCode, String> {
+    let (port, canary) = mesh_args(args)?;
+    let opts = infermesh::local::Options {
+        root: mesh::repo_root(),
+        port,
+        canary_percent: canary,
+        step: None,
+    };
+    runtime()?.block_on(async {
+        let mesh = match infermesh::local::LocalMesh::start(&opts).await {
+            Ok(m) => m,
+            Err(e) => {
+                eprintln!("infermesh: {e}");
+                return Ok(ExitCode::FAILURE);
+            }
+        };
+        println!("infermesh local mesh is up\n{}", mesh.describe());
+        println!(
+            "try:\n  curl -s -i http://{0}/v2/models/digits-mlp/versions/canary/ready\n  curl -s -i -H 'x-user-id: alice' http://{0}/v2/models/digits-mlp\n  curl -s http://{1}/stats/prometheus | grep infermesh_\nCtrl-C stops everything.",
+            mesh.envoy.listener, mesh.envoy.admin
+        );
+        let _ = tokio::signal::ctrl_c().await;
+        eprintln!("infermesh: stopping");
+        drop(mesh);
+        Ok(ExitCode::SUCCESS)
+    })
 }
