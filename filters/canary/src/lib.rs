@@ -64,15 +64,10 @@ impl Context for CanaryRoot {}
 
 impl RootContext for CanaryRoot {
     fn on_configure(&mut self, _size: usize) -> bool {
-        let bytes = self.get_plugin_configuration().unwrap_or_default();
-        let cfg = match filter_core::config::canary::parse(&bytes) {
-            Ok(cfg) => cfg,
-            Err(e) => {
-                // Envoy applies the plugin's failure policy; the previous
-                // config (if any) stays in force in this VM.
-                error!("infermesh canary: invalid pluginConfig: {e}");
-                return false;
-            }
+        let Some(cfg) =
+            filter_shim::parse_plugin_config(self, "canary", filter_core::config::canary::parse)
+        else {
+            return false;
         };
         let metrics = match Metrics::define(&cfg) {
             Ok(m) => m,

@@ -52,13 +52,12 @@ impl Context for RouterRoot {}
 
 impl RootContext for RouterRoot {
     fn on_configure(&mut self, _size: usize) -> bool {
-        let bytes = self.get_plugin_configuration().unwrap_or_default();
-        let cfg = match filter_core::config::router::parse(&bytes) {
-            Ok(cfg) => cfg,
-            Err(e) => {
-                error!("infermesh model-router: invalid pluginConfig: {e}");
-                return false;
-            }
+        let Some(cfg) = filter_shim::parse_plugin_config(
+            self,
+            "model-router",
+            filter_core::config::router::parse,
+        ) else {
+            return false;
         };
         let metrics = match Metrics::define(&cfg) {
             Ok(m) => m,

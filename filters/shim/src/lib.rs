@@ -11,11 +11,30 @@
 
 use std::time::UNIX_EPOCH;
 
-use filter_core::headers;
-use log::debug;
+use filter_core::{headers, ConfigError};
+use log::{debug, error};
 use proxy_wasm::hostcalls;
-use proxy_wasm::traits::{Context, HttpContext};
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{MetricType, Status};
+
+/// Reads the pluginConfig and parses it with the filter's parser. On error
+/// logs `infermesh FILTER: invalid pluginConfig: PATH: MESSAGE` and returns
+/// `None`; `on_configure` must then return `false`, so Envoy applies the
+/// plugin's failure policy and no request sees a half-parsed config.
+pub fn parse_plugin_config<T>(
+    root: &dyn RootContext,
+    filter: &str,
+    parse: impl FnOnce(&[u8]) -> Result<T, ConfigError>,
+) -> Option<T> {
+    let bytes = root.get_plugin_configuration().unwrap_or_default();
+    match parse(&bytes) {
+        Ok(cfg) => Some(cfg),
+        Err(e) => {
+            error!("infermesh {filter}: invalid pluginConfig: {e}");
+            None
+        }
+    }
+}
 
 /// Asks Envoy to re-pick the route after a routing header changed. Envoy
 /// stopped doing this implicitly for Wasm filters (envoy PR #36671), and a

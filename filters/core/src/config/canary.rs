@@ -22,7 +22,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use super::{check_header_name, check_name, from_json, ConfigError};
+use super::{check_client_header, check_len, check_name, from_json, ConfigError};
 use crate::headers;
 use crate::schedule::{parse_rfc3339, Schedule, Step};
 use crate::weights::{max_canary_weight, Bp, Weights, WeightsError};
@@ -146,15 +146,7 @@ pub fn parse(bytes: &[u8]) -> Result<CanaryConfig, ConfigError> {
 }
 
 fn validate(raw: RawConfig) -> Result<CanaryConfig, ConfigError> {
-    if raw.splits.is_empty() {
-        return Err(ConfigError::new("splits", "at least one split is required"));
-    }
-    if raw.splits.len() > MAX_SPLITS {
-        return Err(ConfigError::new(
-            "splits",
-            format!("{} splits, the limit is {MAX_SPLITS}", raw.splits.len()),
-        ));
-    }
+    check_len("splits", raw.splits.len(), MAX_SPLITS, "split")?;
     let mut splits: Vec<Split> = Vec::with_capacity(raw.splits.len());
     for (i, s) in raw.splits.into_iter().enumerate() {
         let split = validate_split(&format!("splits[{i}]"), s)?;
@@ -181,8 +173,7 @@ fn validate(raw: RawConfig) -> Result<CanaryConfig, ConfigError> {
         sticky_key.push(match src {
             RawKeySource::Header(h) => {
                 let path = format!("sticky_key[{i}].header");
-                check_header_name(&path, &h)?;
-                not_owned(&path, &h)?;
+                check_client_header(&path, &h)?;
                 if h == "cookie" {
                     return Err(ConfigError::new(
                         path,
@@ -212,8 +203,7 @@ fn validate(raw: RawConfig) -> Result<CanaryConfig, ConfigError> {
         None => Some(headers::DEFAULT_OVERRIDE.to_owned()),
         Some(h) if h.is_empty() => None,
         Some(h) => {
-            check_header_name("override_header", &h)?;
-            not_owned("override_header", &h)?;
+            check_client_header("override_header", &h)?;
             Some(h)
         }
     };
@@ -225,19 +215,6 @@ fn validate(raw: RawConfig) -> Result<CanaryConfig, ConfigError> {
         trust_downstream_headers: raw.trust_downstream_headers,
         served_by_header: raw.served_by_header,
     })
-}
-
-fn not_owned(path: &str, header: &str) -> Result<(), ConfigError> {
-    if headers::is_owned(header) {
-        return Err(ConfigError::new(
-            path,
-            format!(
-                "{header:?} starts with {:?}: those headers are removed from downstream requests",
-                headers::PREFIX
-            ),
-        ));
-    }
-    Ok(())
 }
 
 fn validate_split(path: &str, raw: RawSplit) -> Result<Split, ConfigError> {

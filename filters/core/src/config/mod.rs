@@ -117,6 +117,40 @@ pub fn check_header_name(path: &str, name: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// A header a client sends (a sticky key, an override, a model name): a
+/// lower-case HTTP token that is not one of the filters' own
+/// `x-infermesh-*` headers, which are removed from downstream requests.
+pub fn check_client_header(path: &str, name: &str) -> Result<(), ConfigError> {
+    check_header_name(path, name)?;
+    if crate::headers::is_owned(name) {
+        return Err(ConfigError::new(
+            path,
+            format!(
+                "{name:?} starts with {:?}: those headers are removed from downstream requests",
+                crate::headers::PREFIX
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A list of `what` with 1 to `max` entries.
+pub fn check_len(path: &str, len: usize, max: usize, what: &str) -> Result<(), ConfigError> {
+    if len == 0 {
+        return Err(ConfigError::new(
+            path,
+            format!("at least one {what} is required"),
+        ));
+    }
+    if len > max {
+        return Err(ConfigError::new(
+            path,
+            format!("{len} {what}s, the limit is {max}"),
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,8 +21,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use super::{check_header_name, check_name, from_json, ConfigError};
-use crate::headers;
+use super::{check_client_header, check_len, check_name, from_json, ConfigError};
 use crate::jsonscan::Pointer;
 
 pub const MAX_MODELS: usize = 256;
@@ -153,15 +152,7 @@ pub fn parse(bytes: &[u8]) -> Result<RouterConfig, ConfigError> {
 }
 
 fn validate(raw: RawConfig) -> Result<RouterConfig, ConfigError> {
-    if raw.models.is_empty() {
-        return Err(ConfigError::new("models", "at least one model is required"));
-    }
-    if raw.models.len() > MAX_MODELS {
-        return Err(ConfigError::new(
-            "models",
-            format!("{} models, the limit is {MAX_MODELS}", raw.models.len()),
-        ));
-    }
+    check_len("models", raw.models.len(), MAX_MODELS, "model")?;
     let mut models: Vec<Model> = Vec::with_capacity(raw.models.len());
     for (i, m) in raw.models.into_iter().enumerate() {
         let model = validate_model(&format!("models[{i}]"), m)?;
@@ -174,19 +165,10 @@ fn validate(raw: RawConfig) -> Result<RouterConfig, ConfigError> {
         models.push(model);
     }
     let header = |path: &str, h: Option<String>| -> Result<Option<String>, ConfigError> {
-        match h {
-            None => Ok(None),
-            Some(h) => {
-                check_header_name(path, &h)?;
-                if headers::is_owned(&h) {
-                    return Err(ConfigError::new(
-                        path,
-                        format!("{h:?} starts with {:?}: those headers are removed from downstream requests", headers::PREFIX),
-                    ));
-                }
-                Ok(Some(h))
-            }
+        if let Some(h) = &h {
+            check_client_header(path, h)?;
         }
+        Ok(h)
     };
     let model_header = header("model_header", raw.model_header)?;
     let version_header = header("version_header", raw.version_header)?;
