@@ -152,7 +152,7 @@ static_resources:
 {cluster("v1", UPSTREAMS["v1"])}{cluster("v2", UPSTREAMS["v2"])}{cluster("default", UPSTREAMS["default"])}"""
 
 
-def http_get(url, headers=None, timeout=2.0):
+def http_get(url, headers=None, timeout=10.0):
     req = urllib.request.Request(url, headers=headers or {})
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         return resp.status, dict(resp.headers), resp.read()
@@ -366,7 +366,9 @@ def summarise(runs, variants):
             "paced_p50_us": [r["paced"]["latency_us"]["p50"] for r in vr],
             "paced_p99_us": [r["paced"]["latency_us"]["p99"] for r in vr],
             "sat_envoy_util": [r["sat"]["envoy_util"] for r in vr],
-            "other_on_envoy_core": [max(r["sat"]["other_on_envoy_core"], r["paced"]["other_on_envoy_core"]) for r in vr],
+            "sat_other": [r["sat"]["other_on_envoy_core"] for r in vr],
+            "paced_other": [r["paced"]["other_on_envoy_core"] for r in vr],
+            "paced_send_lag_p99_us": [r["paced"]["send_lag_us"]["p99"] for r in vr],
             "v2_share": [r["sat"]["v2_share"] for r in vr],
         }
         for k, xs in metrics.items():
@@ -401,10 +403,11 @@ def print_table(rows):
     print("|" + "---|" * len(lines[0]))
     for ln in lines[1:]:
         print("| " + " | ".join(ln) + " |")
-    print("\nnoise: Envoy core utilisation at saturation, and core-%s time used by other processes" % ENVOY_CORE)
+    print(f"\nnoise: Envoy's share of core {ENVOY_CORE} at saturation; share other processes took during the "
+          "saturation and paced windows; paced client's p99 lateness against its schedule")
     for r in rows:
-        u, o = r["sat_envoy_util"], r["other_on_envoy_core"]
-        print(f"  {r['variant']:<16} envoy util {fmt(*u, '.2f')}  other on core {ENVOY_CORE}: {fmt(*o, '.3f')}")
+        print(f"  {r['variant']:<16} envoy {fmt(*r['sat_envoy_util'], '.2f')}  other sat {fmt(*r['sat_other'], '.2f')}"
+              f"  other paced {fmt(*r['paced_other'], '.2f')}  send lag p99 µs {fmt(*r['paced_send_lag_p99_us'], '.0f')}")
 
 
 def clean_summary(runs, variants, clean_max):
