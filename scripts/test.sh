@@ -21,7 +21,7 @@ export INFERMESH_WASM_DIR="$root/dist"
 export ENVOY_BIN="${ENVOY_BIN:-$root/.tools/bin/envoy}"
 
 echo "== cargo test (workspace)"
-cargo test --workspace --locked
+cargo test --workspace --locked --no-fail-fast
 
 [ "$quick" = 1 ] && exit 0
 
