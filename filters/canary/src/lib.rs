@@ -40,6 +40,9 @@ const TICK: Duration = Duration::from_secs(1);
 /// State every HTTP context of one VM shares.
 struct Shared {
     cfg: CanaryConfig,
+    /// `x-infermesh-served-by` values, `[split][version]`, built once so a
+    /// request does not format one.
+    served_by: Vec<Vec<String>>,
     metrics: Metrics,
     /// splitmix64 state for requests without a sticky key.
     rng: Cell<u64>,
@@ -82,7 +85,18 @@ impl RootContext for CanaryRoot {
         let seed = now_nanos(self);
         let has_schedule = cfg.splits.iter().any(|s| s.schedule.is_some());
         self.steps = vec![None; cfg.splits.len()];
+        let served_by = cfg
+            .splits
+            .iter()
+            .map(|s| {
+                s.versions
+                    .iter()
+                    .map(|v| format!("{}/{v}", s.model))
+                    .collect()
+            })
+            .collect();
         let shared = Rc::new(Shared {
+            served_by,
             cfg,
             metrics,
             rng: Cell::new(fmix64(seed)),
@@ -155,8 +169,8 @@ impl CanaryRoot {
 
 struct CanaryStream {
     shared: Option<Rc<Shared>>,
-    /// `model/version` for the response header.
-    served_by: Option<String>,
+    /// `(split, version)` for the response header.
+    served_by: Option<(usize, usize)>,
 }
 
 impl Context for CanaryStream {}
@@ -247,14 +261,16 @@ impl HttpContext for CanaryStream {
         self.set_http_request_header(headers::VERSION, Some(name));
         clear_route_cache();
         if cfg.served_by_header {
-            self.served_by = Some(format!("{}/{}", split_cfg.model, name));
+            self.served_by = Some((split, version));
         }
         Action::Continue
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        if let Some(v) = self.served_by.take() {
-            self.set_http_response_header(headers::SERVED_BY, Some(&v));
+        if let (Some((row, col)), Some(shared)) = (self.served_by.take(), self.shared.clone()) {
+            if let Some(value) = shared.served_by.get(row).and_then(|r| r.get(col)) {
+                self.set_http_response_header(headers::SERVED_BY, Some(value));
+            }
         }
         Action::Continue
     }

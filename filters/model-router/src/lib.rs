@@ -40,6 +40,8 @@ proxy_wasm::main! {{
 
 struct Shared {
     cfg: RouterConfig,
+    /// `x-infermesh-served-by` values, `[model][version]`, built once.
+    served_by: Vec<Vec<String>>,
     metrics: Metrics,
 }
 
@@ -75,7 +77,21 @@ impl RootContext for RouterRoot {
                 ""
             }
         );
-        self.shared = Some(Rc::new(Shared { cfg, metrics }));
+        let served_by = cfg
+            .models
+            .iter()
+            .map(|m| {
+                m.versions
+                    .iter()
+                    .map(|v| format!("{}/{v}", m.name))
+                    .collect()
+            })
+            .collect();
+        self.shared = Some(Rc::new(Shared {
+            cfg,
+            metrics,
+            served_by,
+        }));
         true
     }
 
@@ -102,7 +118,8 @@ struct Pending {
 struct RouterStream {
     shared: Option<Rc<Shared>>,
     pending: Option<Pending>,
-    served_by: Option<String>,
+    /// `(model, version)` for the response header.
+    served_by: Option<(usize, usize)>,
 }
 
 impl Context for RouterStream {}
@@ -193,8 +210,10 @@ impl HttpContext for RouterStream {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        if let Some(v) = self.served_by.take() {
-            self.set_http_response_header(headers::SERVED_BY, Some(&v));
+        if let (Some((row, col)), Some(shared)) = (self.served_by.take(), self.shared.clone()) {
+            if let Some(value) = shared.served_by.get(row).and_then(|r| r.get(col)) {
+                self.set_http_response_header(headers::SERVED_BY, Some(value));
+            }
         }
         Action::Continue
     }
@@ -226,10 +245,10 @@ impl RouterStream {
                     return Action::Continue;
                 };
                 self.set_http_request_header(headers::MODEL, Some(&m.name));
-                if let Some(v) = version.and_then(|v| m.versions.get(v)) {
+                if let Some((i, v)) = version.and_then(|i| m.versions.get(i).map(|v| (i, v))) {
                     self.set_http_request_header(headers::VERSION, Some(v));
                     if cfg.served_by_header {
-                        self.served_by = Some(format!("{}/{v}", m.name));
+                        self.served_by = Some((model, i));
                     }
                 }
                 if let Some(path) = rewrite {
