@@ -149,18 +149,13 @@ async fn run_loop(
         }
         let mut rows = first.rows;
         let mut batch = vec![first];
-        let deadline = Instant::now() + delay;
+        let mut window = Window::new(delay);
         while rows < preferred && policy.max_batch_size > 0 {
             let next = match rx.try_recv() {
                 Ok(j) => Some(j),
                 Err(mpsc::error::TryRecvError::Disconnected) => None,
                 Err(mpsc::error::TryRecvError::Empty) if delay.is_zero() => None,
-                Err(mpsc::error::TryRecvError::Empty) => {
-                    tokio::time::timeout_at(deadline, rx.recv())
-                        .await
-                        .ok()
-                        .flatten()
-                }
+                Err(mpsc::error::TryRecvError::Empty) => window.recv(&mut rx).await,
             };
             let Some(job) = next else { break };
             if job.reply.is_closed() {
@@ -181,6 +176,56 @@ async fn run_loop(
             run_batch(engine, batch, rows, batched, &metrics, &labels).await;
             drop(permit);
         });
+    }
+}
+
+/// tokio's timer has a resolution of one millisecond: a 200 µs
+/// `timeout_at` lasts 1 to 2 ms. Windows shorter than this are timed by a
+/// sleeping blocking thread instead (about 50 µs late at worst).
+const COARSE_TIMER: Duration = Duration::from_millis(2);
+
+/// The batching window of one batch: ends at `deadline`.
+struct Window {
+    deadline: Instant,
+    delay: Duration,
+    /// The precise timer of a short window, started on first use.
+    sleeper: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Window {
+    fn new(delay: Duration) -> Window {
+        Window {
+            deadline: Instant::now() + delay,
+            delay,
+            sleeper: None,
+        }
+    }
+
+    /// The next job, or `None` once the window is over (or the channel
+    /// closed).
+    async fn recv(&mut self, rx: &mut mpsc::Receiver<Job>) -> Option<Job> {
+        if self.delay >= COARSE_TIMER {
+            return tokio::time::timeout_at(self.deadline, rx.recv())
+                .await
+                .ok()
+                .flatten();
+        }
+        let remaining = self.deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return None;
+        }
+        let sleeper = self.sleeper.get_or_insert_with(|| {
+            tokio::task::spawn_blocking(move || std::thread::sleep(remaining))
+        });
+        tokio::select! {
+            biased;
+            j = rx.recv() => j,
+            _ = sleeper => {
+                // Done: later calls see a zero `remaining` and stop.
+                self.deadline = Instant::now();
+                None
+            }
+        }
     }
 }
 
