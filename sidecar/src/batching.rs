@@ -131,6 +131,10 @@ async fn run_loop(
         (max, None) => (max, Duration::ZERO),
     };
     let mut carry: Option<Job> = None;
+    // Set when a batching window closed without a single other request:
+    // traffic is sparse, and until then batches start at once instead of
+    // making every request wait out the window for nothing.
+    let mut sparse_until: Option<Instant> = None;
     loop {
         // Wait for a free engine slot first so that, under load, requests
         // pile up in the queue and form larger batches.
@@ -150,12 +154,23 @@ async fn run_loop(
         let mut rows = first.rows;
         let mut batch = vec![first];
         let mut window = Window::new(delay);
+        let (mut waited, mut gained) = (false, false);
         while rows < preferred && policy.max_batch_size > 0 {
             let next = match rx.try_recv() {
                 Ok(j) => Some(j),
                 Err(mpsc::error::TryRecvError::Disconnected) => None,
                 Err(mpsc::error::TryRecvError::Empty) if delay.is_zero() => None,
-                Err(mpsc::error::TryRecvError::Empty) => window.recv(&mut rx).await,
+                Err(mpsc::error::TryRecvError::Empty)
+                    if sparse_until.is_some_and(|t| Instant::now() < t) =>
+                {
+                    None
+                }
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    waited = true;
+                    let j = window.recv(&mut rx).await;
+                    gained |= j.is_some();
+                    j
+                }
             };
             let Some(job) = next else { break };
             if job.reply.is_closed() {
@@ -168,6 +183,12 @@ async fn run_loop(
             rows += job.rows;
             batch.push(job);
         }
+        if waited {
+            sparse_until = (!gained).then(|| Instant::now() + SPARSE_PROBE);
+        } else if batch.len() > 1 {
+            // Requests were already queued together: traffic is dense.
+            sparse_until = None;
+        }
         let engine = engine.clone();
         let metrics = metrics.clone();
         let labels = labels.clone();
@@ -178,6 +199,10 @@ async fn run_loop(
         });
     }
 }
+
+/// How long a window that caught nothing keeps batches from waiting; the
+/// first batch after it waits again, so a traffic change is noticed.
+const SPARSE_PROBE: Duration = Duration::from_secs(1);
 
 /// tokio's timer has a resolution of one millisecond: a 200 µs
 /// `timeout_at` lasts 1 to 2 ms. Windows shorter than this are timed by a

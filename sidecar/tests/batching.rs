@@ -295,3 +295,52 @@ async fn load_and_unload_never_fail_in_flight_requests() {
     assert_matches(&r.json(), &cases[1], &json!({}), "after reload");
     server.shutdown(Duration::from_secs(5)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_that_caught_nothing_stops_delaying_lone_requests() {
+    let repo = temp_dir("sparse");
+    copy_model(&repo, "digits-mlp", Some(&mlp_config(400_000, 8)));
+    let server = start(settings(&repo)).await.unwrap();
+    let addr = server.addr;
+    let cases = row_cases("2");
+
+    // The first request waits out the 400 ms window alone.
+    let started = Instant::now();
+    let r = infer_case(addr, "2", &cases[0]).await.unwrap();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert!(started.elapsed() >= Duration::from_millis(400));
+
+    // Traffic is sparse now: the next lone requests run at once, right.
+    for case in &cases[1..3] {
+        let started = Instant::now();
+        let r = infer_case(addr, "2", case).await.unwrap();
+        assert_eq!(r.status, 200);
+        assert_matches(&r.json(), case, &json!({}), "lone request");
+        assert!(
+            started.elapsed() < Duration::from_millis(300),
+            "a lone request after an empty window waited {:?}",
+            started.elapsed()
+        );
+    }
+
+    // Concurrent requests are still coalesced: they queue together while
+    // a run is under way, which marks the traffic dense again.
+    let labels = [("model", "digits-mlp"), ("version", "2")];
+    let before = metrics(addr).await;
+    let count0 = metric(&before, "infermesh_sidecar_batch_size_count", &labels);
+    let tasks: Vec<_> = (0..16)
+        .map(|i| {
+            let case = cases[i % cases.len()].clone();
+            tokio::spawn(async move { (infer_case(addr, "2", &case).await.unwrap(), case) })
+        })
+        .collect();
+    for t in tasks {
+        let (r, case) = t.await.unwrap();
+        assert_eq!(r.status, 200);
+        assert_matches(&r.json(), &case, &json!({}), "concurrent request");
+    }
+    let after = metrics(addr).await;
+    let runs = metric(&after, "infermesh_sidecar_batch_size_count", &labels) - count0;
+    assert!(runs < 16.0, "16 concurrent requests ran in {runs} runs");
+    server.shutdown(Duration::from_secs(5)).await;
+}
