@@ -6,6 +6,7 @@
 //! path, e.g. `splits[0].versions[1].weight: weights sum to 99.5%, not 100%`.
 
 pub mod canary;
+pub mod failover;
 pub mod router;
 
 use serde::de::DeserializeOwned;
