@@ -20,6 +20,7 @@
 pub mod canary;
 pub mod config;
 pub mod cookie;
+pub mod failover;
 pub mod hash;
 pub mod headers;
 pub mod jsonscan;

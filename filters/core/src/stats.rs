@@ -15,7 +15,9 @@
 //! `istio/`).
 
 /// Tags the filters emit; the e2e bootstrap and `istio/` declare each one.
-pub const TAGS: &[&str] = &["model", "version", "decision", "source", "reason"];
+pub const TAGS: &[&str] = &[
+    "model", "version", "decision", "source", "reason", "cloud", "outcome", "failure",
+];
 
 /// A metric name carrying `tags`. Values are restricted to
 /// `[A-Za-z0-9._:-]` (anything else becomes `_`) so a value can never
