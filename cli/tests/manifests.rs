@@ -87,3 +87,20 @@ fn a_broken_config_in_an_envoyfilter_is_named() {
         Some("pluginConfig.body.max_bytes: 0: must be between 1 and 16777216")
     );
 }
+
+#[test]
+fn istio_readme_declares_every_stat_tag() {
+    // Istio extracts a tag only if meshConfig lists it in extraStatTags;
+    // the documented snippet must carry every tag the filters emit.
+    let text = std::fs::read_to_string(repo("istio/README.md")).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("extraStatTags:"))
+        .expect("istio/README.md has an extraStatTags line");
+    for tag in filter_core::stats::TAGS {
+        assert!(
+            line.contains(tag),
+            "extraStatTags in istio/README.md lacks {tag:?}: {line}"
+        );
+    }
+}
