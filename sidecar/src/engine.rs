@@ -106,7 +106,7 @@ impl Engine {
     /// Loads `path`, checks it against `config`, optimises it for a batch
     /// dimension `N` in `1..=max_batch_size` (one plan for all sizes).
     pub fn load(path: &Path, config: &ModelConfig) -> Result<Engine, EngineError> {
-        let mut model = tract_onnx::onnx()
+        let mut model = onnx_ml_ops::onnx()
             .model_for_path(path)
             .map_err(|e| EngineError::Load(boxed(e)))?;
         let n_inputs = model
