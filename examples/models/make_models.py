@@ -31,8 +31,13 @@ import sklearn
 from onnx import TensorProto, helper, numpy_helper
 from skl2onnx import convert_sklearn
 from skl2onnx.common.data_types import FloatTensorType
-from sklearn.datasets import load_digits
-from sklearn.ensemble import RandomForestClassifier
+from sklearn.datasets import load_breast_cancer, load_diabetes, load_digits, load_wine
+from sklearn.ensemble import (
+    GradientBoostingClassifier,
+    GradientBoostingRegressor,
+    RandomForestClassifier,
+    RandomForestRegressor,
+)
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import train_test_split
 from sklearn.neural_network import MLPClassifier
@@ -58,7 +63,8 @@ CONFIG_COMMON = {
 # Suggested comparison tolerance for another runtime (tract) against the
 # FP32 reference outputs; integer outputs must match exactly.
 TOLERANCE = {"atol": 1e-5, "rtol": 1e-4}
-DATATYPE = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64"}
+DATATYPE = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64",
+            np.dtype(object): "BYTES"}
 
 
 # ---------------------------------------------------------------- data
@@ -193,8 +199,14 @@ def tensor_json(a: np.ndarray) -> dict:
         data = [float(v) for v in a.ravel()]  # exact float32 value, shortest repr
     elif a.dtype == np.int64:
         data = [int(v) for v in a.ravel()]
+    elif a.dtype == object:
+        data = [str(v) for v in a.ravel()]
     else:
         raise TypeError(f"unsupported dtype {a.dtype}")
+    if a.dtype == np.float32 and not np.isfinite(a).all():
+        # JSON has no NaN: inputs with missing values list them as "NaN",
+        # which OIP v2 JSON cannot carry either; see tree_reference_json.
+        data = [v if np.isfinite(v) else "NaN" for v in data]
     return {"datatype": DATATYPE[a.dtype], "shape": list(a.shape), "data": data}
 
 
@@ -398,6 +410,208 @@ def make_cnn():
     return model_dir, config, rows
 
 
+# ---------------------------------------------------------------- tree ensembles
+
+TREE_ROWS = 32  # batch-32 reference case; its first row is the batch-1 case
+TREE_NAN_ROWS = (3, 7, 11, 19)  # rows of the batch-32 case with missing values
+
+
+def to_gte(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same trees with BRANCH_GTE nodes: `x <= t` becomes `x >= t'`
+    with t' the next float32 above t and the children swapped (exact on
+    float32 inputs), and missing-value tracking flipped so NaN still takes
+    the same branch."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for node in out.graph.node:
+        if not node.op_type.startswith("TreeEnsemble"):
+            continue
+        attrs = {a.name: a for a in node.attribute}
+        modes = list(attrs["nodes_modes"].strings)
+        values = attrs["nodes_values"].floats
+        true_ids, false_ids = attrs["nodes_truenodeids"].ints, attrs["nodes_falsenodeids"].ints
+        if "nodes_missing_value_tracks_true" in attrs:
+            missing = attrs["nodes_missing_value_tracks_true"].ints
+        else:
+            node.attribute.append(helper.make_attribute(
+                "nodes_missing_value_tracks_true", [0] * len(modes)))
+            missing = node.attribute[-1].ints
+        for i, mode in enumerate(modes):
+            if mode != b"BRANCH_LEQ":
+                continue
+            modes[i] = b"BRANCH_GTE"
+            values[i] = float(np.nextafter(np.float32(values[i]), np.float32(np.inf)))
+            true_ids[i], false_ids[i] = false_ids[i], true_ids[i]
+            missing[i] = 1 - missing[i]
+        del attrs["nodes_modes"].strings[:]
+        attrs["nodes_modes"].strings.extend(modes)
+    return out
+
+
+def ort_outputs(sess, x):
+    """onnxruntime outputs as arrays; ZipMap's list of maps becomes the
+    [N, classes] probability tensor with columns in class label order."""
+    names = [o.name for o in sess.get_outputs()]
+    outs = {}
+    for o, v in zip(sess.get_outputs(), sess.run(names, {"input": x})):
+        if o.type.startswith("seq(map("):
+            keys = list(v[0].keys())
+            v = np.array([[row[k] for k in keys] for row in v], dtype=np.float32)
+        elif isinstance(v, list):
+            v = np.array(v)
+        if v.dtype.kind in "US":
+            v = v.astype(object)
+        outs[o.name] = v
+    return outs
+
+
+def tree_cases(x_rows: np.ndarray, source: str):
+    """batch-1 and batch-32 inputs; four batch-32 rows get missing values."""
+    rng = np.random.default_rng(77)
+    x32 = np.array(x_rows[:TREE_ROWS], dtype=np.float32)
+    for r in TREE_NAN_ROWS:
+        cols = rng.choice(x32.shape[1], size=max(1, x32.shape[1] // 3), replace=False)
+        x32[r, cols] = np.nan
+    return [("batch-1", x32[:1], f"{source} row 0"),
+            ("batch-32", x32, f"{source} rows 0-31, NaN in rows {list(TREE_NAN_ROWS)}")]
+
+
+TREE_MODELS = [
+    # name, dataset, estimator factory, zipmap, string labels, description
+    ("wine-forest", "wine", lambda: RandomForestClassifier(
+        n_estimators=10, max_depth=5, random_state=3, n_jobs=1), False, True,
+     "RandomForestClassifier(10 trees, depth 5) on load_wine; string class labels"),
+    ("wine-forest-zipmap", "wine", lambda: RandomForestClassifier(
+        n_estimators=10, max_depth=5, random_state=3, n_jobs=1), True, True,
+     "wine-forest exported with ZipMap"),
+    ("wine-gbt", "wine", lambda: GradientBoostingClassifier(
+        n_estimators=10, max_depth=3, random_state=3), False, False,
+     "GradientBoostingClassifier(10 rounds x 3 classes, depth 3) on load_wine; SOFTMAX"),
+    ("wine-gbt-zipmap", "wine", lambda: GradientBoostingClassifier(
+        n_estimators=10, max_depth=3, random_state=3), True, False,
+     "wine-gbt exported with ZipMap"),
+    ("cancer-gbt", "cancer", lambda: GradientBoostingClassifier(
+        n_estimators=20, max_depth=3, random_state=3), False, False,
+     "GradientBoostingClassifier(20 rounds, depth 3) on load_breast_cancer; binary, LOGISTIC"),
+    ("cancer-gbt-zipmap", "cancer", lambda: GradientBoostingClassifier(
+        n_estimators=20, max_depth=3, random_state=3), True, False,
+     "cancer-gbt exported with ZipMap"),
+    ("diabetes-forest", "diabetes", lambda: RandomForestRegressor(
+        n_estimators=10, max_depth=5, random_state=3, n_jobs=1), False, False,
+     "RandomForestRegressor(10 trees, depth 5) on load_diabetes"),
+    ("diabetes-gbt", "diabetes", lambda: GradientBoostingRegressor(
+        n_estimators=20, max_depth=3, random_state=3), False, False,
+     "GradientBoostingRegressor(20 rounds, depth 3) on load_diabetes"),
+]
+
+
+def tree_dataset(name: str):
+    loader = {"wine": load_wine, "cancer": load_breast_cancer, "diabetes": load_diabetes}[name]
+    d = loader()
+    x = d.data.astype(np.float32)
+    y = d.target
+    strat = y if name != "diabetes" else None
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.25, random_state=0, stratify=strat)
+    return x_tr, y_tr, x_te, y_te, list(getattr(d, "target_names", []))
+
+
+def make_tree_model(name, dataset, make_est, zipmap, string_labels, description):
+    x_tr, y_tr, x_te, y_te, class_names = tree_dataset(dataset)
+    classifier = dataset != "diabetes"
+    if string_labels:
+        y_tr = np.array(class_names, dtype=object)[y_tr]
+        y_te = np.array(class_names, dtype=object)[y_te]
+    with threadpool_limits(limits=1):
+        est = make_est().fit(x_tr, y_tr)
+    n_features = x_tr.shape[1]
+    options = {id(est): {"zipmap": zipmap}} if classifier else None
+    base = convert_sklearn(est, name=name, target_opset=TARGET_OPSET, options=options,
+                           initial_types=[("input", FloatTensorType([None, n_features]))])
+    model_dir = OUT_DIR / name
+    labels = [str(c) for c in est.classes_] if classifier else None
+    n_classes = len(labels) if classifier else 0
+    rows = []
+    sessions = {}
+    for v, rewrite, mode in (("1", lambda m: m, "BRANCH_LEQ"), ("2", to_gte, "BRANCH_GTE")):
+        model = finish_model(rewrite(base), name, v,
+                             f"{name} v{v}: {description}; nodes use {mode}.")
+        path = model_dir / v / "model.onnx"
+        write_model(path, model)
+        sess = session(path)
+        sessions[v] = sess
+        outs = ort_outputs(sess, x_te)
+        if classifier:
+            prob_name = [k for k in outs if "prob" in k][0]
+            label_name = [k for k in outs if "label" in k][0]
+            check_close(outs[prob_name], est.predict_proba(x_te).astype(np.float32),
+                        f"{name}/{v} vs sklearn", atol=1e-4)
+            agree = float(np.mean(outs[label_name] == est.predict(x_te)))
+            metric = f"{float(np.mean(outs[label_name] == y_te)):.4f}"
+        else:
+            pred = est.predict(x_te).astype(np.float32)
+            got = outs["variable"].ravel()
+            agree = float(np.mean(np.abs(got - pred) <= 1e-3 * np.maximum(1, np.abs(pred))))
+            metric = f"r2 {1 - np.sum((got - y_te) ** 2) / np.sum((y_te - y_te.mean()) ** 2):.3f}"
+        if agree < 0.995:
+            sys.exit(f"{name}/{v}: agreement with sklearn only {agree:.4f}")
+        rows.append((name, v, path.stat().st_size, metric, f"{agree:.4f}"))
+    # v1 (LEQ) and v2 (GTE) must agree exactly, missing values included.
+    cases = tree_cases(x_te, f"{dataset} hold-out")
+    for case_name, x, _ in cases:
+        a, b = ort_outputs(sessions["1"], x), ort_outputs(sessions["2"], x)
+        for k in a:
+            if not np.array_equal(a[k], b[k]):
+                sys.exit(f"{name} {case_name} {k}: BRANCH_GTE rewrite changes the output")
+    out_specs = []
+    for o in sessions["1"].get_outputs():
+        if o.type.startswith("seq(map(") or "prob" in o.name:
+            out_specs.append({"name": o.name, "datatype": "FP32", "shape": [-1, n_classes]})
+        elif classifier:
+            out_specs.append({"name": o.name, "datatype": "BYTES" if string_labels else "INT64",
+                              "shape": [-1]})
+        else:
+            out_specs.append({"name": o.name, "datatype": "FP32", "shape": [-1, 1]})
+    config = {
+        **CONFIG_COMMON,
+        "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, n_features]}],
+        "outputs": out_specs,
+        "description": description + "." + (
+            " ZipMap's per-row map is served as the FP32 [-1, classes] probability tensor; "
+            "labels gives its column order." if zipmap else "") +
+            " Version 1 uses BRANCH_LEQ nodes, version 2 the equivalent BRANCH_GTE rewrite.",
+    }
+    if classifier:
+        prob = [s["name"] for s in out_specs if s["datatype"] == "FP32"][0]
+        config["labels"] = {prob: labels}
+    write_text(model_dir / "config.json", dumps(config))
+    for v, sess in sessions.items():
+        ref_cases = []
+        for case_name, x, source in cases:
+            outs = ort_outputs(sess, x)
+            ref_cases.append({"name": case_name, "source": source,
+                              "inputs": {"input": tensor_json(x)},
+                              "outputs": {k: tensor_json(outs[k]) for k in outs}})
+        ref = {"model": name, "version": v,
+               "runtime": f"onnxruntime {ort.__version__} CPUExecutionProvider",
+               "tolerance": TOLERANCE,
+               "inputs": ref_cases[1]["inputs"], "outputs": ref_cases[1]["outputs"],
+               "cases": ref_cases}
+        write_text(model_dir / v / "reference.json", dumps(ref))
+        # Re-read from disk and recompute.
+        back = json.loads((model_dir / v / "reference.json").read_text())
+        for case in back["cases"]:
+            t = case["inputs"]["input"]
+            x = np.array([np.nan if d == "NaN" else d for d in t["data"]],
+                         dtype=np.float32).reshape(t["shape"])
+            outs = ort_outputs(session(model_dir / v / "model.onnx"), x)
+            for k, spec in case["outputs"].items():
+                want = np.array(spec["data"], dtype={"FP32": np.float32, "INT64": np.int64,
+                                                     "BYTES": object}[spec["datatype"]])
+                if not np.array_equal(outs[k].ravel(), want):
+                    sys.exit(f"{name}/{v} {case['name']} {k}: reference not reproduced")
+    return rows
+
+
 def main() -> None:
     x_tr, y_tr, x_te, y_te, te_idx = digits_split()
     digits64 = (x_tr, y_tr, x_te, y_te, te_idx)
@@ -444,6 +658,9 @@ def main() -> None:
         differ = int(np.sum(outs["1"].argmax(1) != outs["2"].argmax(1)))
         for row in rows:
             table.append((*row, str(differ)))
+
+    for spec in TREE_MODELS:
+        table.extend((*row, "0 (v2 = GTE rewrite)") for row in make_tree_model(*spec))
 
     print(f"onnx {onnx.__version__}, onnxruntime {ort.__version__}, skl2onnx "
           f"{skl2onnx.__version__}, scikit-learn {sklearn.__version__}, numpy "
