@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Filter benchmark: Envoy native weighted_clusters vs Wasm filters on V8
-# (no-op floor, minimal header-hash filter, the canary filter).
+# (no-op floor, minimal header-hash filter, the canary and model-router
+# filters).
 #
 # Envoy runs with --concurrency 1 pinned to core 0; wrk, the paced client
 # and the upstream (a one-thread hyper server) share core 1. Each round
@@ -15,8 +16,11 @@
 #   VARIANTS=native,noop,hash,canary   (see bench/envoy/run_filters.py for
 #                   the attribution variants: hash+path, hash+strip,
 #                   hash+metric, hash+servedby, hash+all, canary-noserved,
-#                   canary-trust)
-#   REBUILD_CANARY=1  rebuild dist/canary.wasm with ./wasm-build.sh even if present
+#                   canary-trust; and the model-router ones: router (pinned
+#                   OIP paths), router-body (POST /predict, version from a
+#                   300-byte JSON body; paired with native-post, the same
+#                   POSTs through weighted_clusters), router+canary)
+#   REBUILD_CANARY=1  rebuild dist/*.wasm with ./wasm-build.sh even if present
 #   BASE_PORT=28080 loopback ports BASE_PORT..BASE_PORT+10
 #   NICE=-10        nice level of Envoy, load and upstream (0 when not root)
 set -euo pipefail
@@ -31,7 +35,7 @@ if ! command -v wrk >/dev/null 2>&1; then
 fi
 command -v taskset >/dev/null || { echo "filters.sh: taskset (util-linux) is missing" >&2; exit 1; }
 [ -x .tools/bin/envoy ] || scripts/tools.sh envoy
-if [ "${REBUILD_CANARY:-0}" = 1 ] || [ ! -f dist/canary.wasm ]; then
+if [ "${REBUILD_CANARY:-0}" = 1 ] || [ ! -f dist/canary.wasm ] || [ ! -f dist/model-router.wasm ]; then
   ./wasm-build.sh
 fi
 

@@ -11,6 +11,13 @@ routing, then measures:
   paced  open loop at RATE req/s (bench-tools paced, core 1): latency from
          the scheduled send time, and Envoy CPU per request
 
+Requests are GET PATH with x-user-id: user-N (N < KEYS) or, for the
+model-router variants, the lines of a requests file written per run
+(pinned OIP paths, or POST /predict with a 300-byte OIP body that names the
+version); every tenth key asks for version 2. Routing is checked with probe
+requests before the load and over every window (v2 share near 0.10, the
+default cluster never hit); a failed check stops the run.
+
 The upstream (bench-tools upstream, one tokio thread) is pinned to core 1
 with the load generator. Raw results go to bench/results/filters-*.json and
 a per-run CSV; the summary table goes to stdout.
@@ -26,7 +33,9 @@ import statistics
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
+from typing import NamedTuple
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 RESULTS = os.path.join(ROOT, "bench", "results")
@@ -34,6 +43,7 @@ ENVOY = os.environ.get("ENVOY", os.path.join(ROOT, ".tools", "bin", "envoy"))
 TOOLS = os.environ.get("BENCH_TOOLS", os.path.join(ROOT, "target", "release", "bench-tools"))
 WASM_DIR = os.environ.get("BENCH_WASM_DIR", os.path.join(RESULTS, "wasm"))
 CANARY_WASM = os.environ.get("CANARY_WASM", os.path.join(ROOT, "dist", "canary.wasm"))
+ROUTER_WASM = os.environ.get("ROUTER_WASM", os.path.join(ROOT, "dist", "model-router.wasm"))
 
 ROUNDS = int(os.environ.get("ROUNDS", "5"))
 DURATION = int(os.environ.get("DURATION", "10"))
@@ -58,30 +68,103 @@ KEY_HEADER = "x-user-id"
 LISTEN, ADMIN = BASE_PORT, BASE_PORT + 10
 UPSTREAMS = {"v1": BASE_PORT + 1, "v2": BASE_PORT + 2, "default": BASE_PORT + 3}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+# Per-window routing check: the v2 share must lie in this range (expected
+# 0.10) and at most this share of answers may be non-2xx.
+V2_SHARE_RANGE = (0.05, 0.15)
+MAX_NON_2XX_SHARE = 0.005
 
 CANARY_CFG = {
     "splits": [{"model": "digits-mlp",
                 "versions": [{"name": "1", "weight": 90}, {"name": "2", "weight": 10}]}],
     "sticky_key": [{"header": KEY_HEADER}],
 }
+# model-router, path source: defaults (strips client x-infermesh-*, sets
+# x-infermesh-served-by on pinned requests, no path rewrite).
+ROUTER_CFG = {"models": [{"name": "digits-mlp", "versions": ["1", "2"]}]}
+# model-router, body source: the model comes from default_model, only the
+# version from the body, so the version pointer is the one field read.
+ROUTER_BODY_CFG = {**ROUTER_CFG, "default_model": "digits-mlp",
+                   "body": {"version_pointer": "/parameters/model_version"}}
+BODY_PATH = "/predict"
 
-# name -> (wasm file or None, pluginConfig string, route kind, description)
+
+def body_for(k, version):
+    """A 300-byte OIP v2 infer request naming `version` in
+    /parameters/model_version (one 8x8 digit as 64 values)."""
+    pixels = [0, 0, 5, 13, 9, 1, 0, 0, 0, 0, 13, 15, 10, 15, 5, 0, 0, 3, 15, 2, 0, 11, 8, 0, 0, 4, 12, 0,
+              0, 8, 8, 0, 0, 5, 8, 0, 0, 9, 8, 0, 0, 4, 11, 0, 1, 12, 7, 0, 0, 2, 14, 5, 10, 12, 0, 0,
+              0, 0, 6, 13, 10, 0, 0, 0]
+    return json.dumps({"id": f"bench-{k % 10**8:08d}", "parameters": {"model_version": version},
+                       "inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": pixels}],
+                       "outputs": [{"name": "label"}]}, separators=(",", ":"))
+
+
+def version_for(k):
+    """Client-chosen version of key k: every tenth key asks for 2 (v2 share 0.10)."""
+    return "2" if k % 10 == 0 else "1"
+
+
+# Request sets. "get": GET PATH with the key header (wrk-keys.lua's and the
+# paced client's built-in mode). The others are written to a requests file,
+# line k sent with x-user-id: user-k, read by both load generators.
+REQUEST_SETS = {
+    "get": None,
+    "pinned": lambda k: ("GET", f"/v2/models/digits-mlp/versions/{version_for(k)}/infer", None),
+    "post": lambda k: ("POST", BODY_PATH, body_for(k, version_for(k))),
+}
+
+
+class Filter(NamedTuple):
+    wasm: str            # file name in WASM_DIR, or an absolute path
+    config: str          # pluginConfig string
+    root_id: str
+    stop_iteration: bool = False  # allow_on_headers_stop_iteration (body buffering)
+
+
+class Variant(NamedTuple):
+    filters: list        # Wasm filters in chain order (after CORS, before the router)
+    routes: str          # "weighted": weighted_clusters 90/10; "header": x-infermesh-version
+    requests: str        # key of REQUEST_SETS
+    baseline: str        # variant its "added" and "ratio" are paired with
+    description: str
+
+
+def wasm1(wasm, cfg, root_id="bench"):
+    return [Filter(wasm, cfg, root_id)]
+
+
+CANARY = lambda cfg: Filter(CANARY_WASM, json.dumps(cfg), "canary")  # noqa: E731
+
 ALL_VARIANTS = {
-    "native": (None, "", "weighted", "Envoy weighted_clusters 90/10, no Wasm"),
-    "noop": ("noop.wasm", "", "weighted", "no-op V8 filter + weighted_clusters"),
-    "hash": ("hash-route.wasm", "", "header", "minimal header-hash filter"),
-    "canary": (CANARY_WASM, json.dumps(CANARY_CFG), "header", "canary (dist/canary.wasm), defaults"),
+    "native": Variant([], "weighted", "get", "native", "Envoy weighted_clusters 90/10, no Wasm"),
+    "noop": Variant(wasm1("noop.wasm", ""), "weighted", "get", "native", "no-op V8 filter + weighted_clusters"),
+    "hash": Variant(wasm1("hash-route.wasm", ""), "header", "get", "native", "minimal header-hash filter"),
+    "canary": Variant([CANARY(CANARY_CFG)], "header", "get", "native", "canary (dist/canary.wasm), defaults"),
     # Attribution experiments: the minimal filter plus one canary cost each.
-    "hash+path": ("hash-route.wasm", "path", "header", "hash + read :path"),
-    "hash+strip": ("hash-route.wasm", "strip", "header", "hash + whole header map, strip x-infermesh-*"),
-    "hash+metric": ("hash-route.wasm", "metric", "header", "hash + increment_metric"),
-    "hash+servedby": ("hash-route.wasm", "served-by", "header", "hash + format/set response header"),
-    "hash+all": ("hash-route.wasm", "path strip metric served-by", "header", "hash + all four"),
+    "hash+path": Variant(wasm1("hash-route.wasm", "path"), "header", "get", "native", "hash + read :path"),
+    "hash+strip": Variant(wasm1("hash-route.wasm", "strip"), "header", "get", "native",
+                          "hash + whole header map, strip x-infermesh-*"),
+    "hash+metric": Variant(wasm1("hash-route.wasm", "metric"), "header", "get", "native", "hash + increment_metric"),
+    "hash+servedby": Variant(wasm1("hash-route.wasm", "served-by"), "header", "get", "native",
+                             "hash + format/set response header"),
+    "hash+all": Variant(wasm1("hash-route.wasm", "path strip metric served-by"), "header", "get", "native",
+                        "hash + all four"),
     # Canary config switches (same module).
-    "canary-noserved": (CANARY_WASM, json.dumps({**CANARY_CFG, "served_by_header": False}),
-                        "header", "canary, served_by_header=false"),
-    "canary-trust": (CANARY_WASM, json.dumps({**CANARY_CFG, "trust_downstream_headers": True}),
-                     "header", "canary, trust_downstream_headers=true (no strip)"),
+    "canary-noserved": Variant([CANARY({**CANARY_CFG, "served_by_header": False})], "header", "get", "native",
+                               "canary, served_by_header=false"),
+    "canary-trust": Variant([CANARY({**CANARY_CFG, "trust_downstream_headers": True})], "header", "get", "native",
+                            "canary, trust_downstream_headers=true (no strip)"),
+    # model-router (dist/model-router.wasm).
+    "native-post": Variant([], "weighted", "post", "native",
+                           "weighted_clusters 90/10, POST /predict with the 300-byte body, no Wasm"),
+    "router": Variant([Filter(ROUTER_WASM, json.dumps(ROUTER_CFG), "model-router")], "header", "pinned", "native",
+                      "model-router, path source: GET /v2/models/digits-mlp/versions/{1,2}/infer"),
+    "router-body": Variant([Filter(ROUTER_WASM, json.dumps(ROUTER_BODY_CFG), "model-router", True)], "header",
+                           "post", "native-post",
+                           "model-router, body source: POST /predict, version from /parameters/model_version"),
+    "router+canary": Variant([Filter(ROUTER_WASM, json.dumps(ROUTER_CFG), "model-router"),
+                              CANARY({**CANARY_CFG, "trust_downstream_headers": True})], "header", "get", "native",
+                             "model-router then canary (trust_downstream_headers), unpinned GET"),
 }
 
 
@@ -96,8 +179,8 @@ def cluster(name, port):
 
 
 def envoy_config(variant):
-    wasm, plugin_cfg, routes, _ = ALL_VARIANTS[variant]
-    if routes == "weighted":
+    var = ALL_VARIANTS[variant]
+    if var.routes == "weighted":
         route_yaml = """              - match: {prefix: "/"}
                 route:
                   weighted_clusters:
@@ -112,20 +195,22 @@ def envoy_config(variant):
                 route: {cluster: default}
 """
     wasm_yaml = ""
-    if wasm:
-        path = wasm if os.path.isabs(wasm) else os.path.join(WASM_DIR, wasm)
-        wasm_yaml = f"""          - name: bench-wasm
+    for i, f in enumerate(var.filters):
+        path = f.wasm if os.path.isabs(f.wasm) else os.path.join(WASM_DIR, f.wasm)
+        suffix = f"-{i}" if i else ""
+        stop = "\n                allow_on_headers_stop_iteration: true" if f.stop_iteration else ""
+        wasm_yaml += f"""          - name: bench-wasm{suffix}
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
               config:
-                name: bench
-                root_id: {"canary" if "canary" in variant else "bench"}
+                name: bench{suffix}
+                root_id: {f.root_id}{stop}
                 vm_config:
                   runtime: envoy.wasm.runtime.v8
                   code: {{local: {{filename: {path}}}}}
                 configuration:
                   "@type": type.googleapis.com/google.protobuf.StringValue
-                  value: {json.dumps(plugin_cfg)}
+                  value: {json.dumps(f.config)}
 """
     return f"""admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {ADMIN}}}}}}}
 static_resources:
@@ -152,10 +237,15 @@ static_resources:
 {cluster("v1", UPSTREAMS["v1"])}{cluster("v2", UPSTREAMS["v2"])}{cluster("default", UPSTREAMS["default"])}"""
 
 
-def http_get(url, headers=None, timeout=10.0):
-    req = urllib.request.Request(url, headers=headers or {})
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        return resp.status, dict(resp.headers), resp.read()
+def http_get(url, headers=None, timeout=10.0, data=None):
+    """One request (POST when `data` is given); error statuses are returned,
+    not raised."""
+    req = urllib.request.Request(url, headers=headers or {}, data=data)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
 
 
 def wait_for(pred, what, timeout=20.0):
@@ -210,6 +300,17 @@ def rq_completed():
     return int(m.group(1))
 
 
+def filter_stats():
+    """The filters' own counters (infermesh_*) from Envoy's admin stats."""
+    _, _, body = http_get(f"http://127.0.0.1:{ADMIN}/stats?filter=infermesh")
+    out = {}
+    for line in body.decode(errors="replace").splitlines():
+        name, sep, value = line.rpartition(": ")
+        if sep and value.strip().isdigit():
+            out[name.strip()] = int(value)
+    return out
+
+
 class Window:
     """Envoy CPU, requests, upstream hits and core usage over one load run."""
 
@@ -259,8 +360,28 @@ def pinned(core, cmd):
     return ["nice", "-n", NICE, "taskset", "-c", core] + cmd
 
 
-def run_wrk(duration):
-    env = {**os.environ, "KEYS": str(KEYS), "BENCH_PATH": PATH, "KEY_HEADER": KEY_HEADER}
+def write_requests(workdir):
+    """Writes one requests file per request set that needs one; returns
+    {set name: file or None}."""
+    files = {}
+    for name, make in REQUEST_SETS.items():
+        if make is None:
+            files[name] = None
+            continue
+        files[name] = os.path.join(workdir, f"requests-{name}.tsv")
+        with open(files[name], "w") as f:
+            for k in range(KEYS):
+                method, path, body = make(k)
+                f.write("\t".join([method, path] + ([body] if body is not None else [])) + "\n")
+    return files
+
+
+REQUEST_FILES = {}
+
+
+def run_wrk(duration, variant):
+    env = {**os.environ, "KEYS": str(KEYS), "BENCH_PATH": PATH, "KEY_HEADER": KEY_HEADER,
+           "REQUESTS": REQUEST_FILES.get(ALL_VARIANTS[variant].requests) or ""}
     cmd = pinned(LOAD_CORE, ["wrk", "-t1", f"-c{CONNS}", f"-d{duration}s", "--latency",
                              "-s", os.path.join(ROOT, "bench", "envoy", "wrk-keys.lua"),
                              f"http://127.0.0.1:{LISTEN}{PATH}"])
@@ -277,11 +398,12 @@ def run_wrk(duration):
             "socket_errors": sock.group(1) if sock else "", "wrk_latency": lat}
 
 
-def run_paced(duration):
+def run_paced(duration, variant):
+    requests = REQUEST_FILES.get(ALL_VARIANTS[variant].requests)
+    what = ["--requests", requests] if requests else ["--path", PATH, "--keys", str(KEYS)]
     cmd = pinned(LOAD_CORE, [TOOLS, "paced", "--addr", f"127.0.0.1:{LISTEN}",
                              "--rate", str(RATE), "--duration", str(duration), "--warmup", str(WARMUP),
-                             "--connections", str(PACED_CONNS), "--path", PATH,
-                             "--key-header", KEY_HEADER, "--keys", str(KEYS)])
+                             "--connections", str(PACED_CONNS), "--key-header", KEY_HEADER] + what)
     res = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(res.stdout)
 
@@ -315,30 +437,125 @@ def stop(p):
             p.wait()
 
 
+def probe(method, path, body=None, key="user-1"):
+    """One request through Envoy; returns (status, served-by header, body,
+    the upstream cluster it reached or None)."""
+    h0 = hits()
+    headers = {KEY_HEADER: key}
+    if body is not None:
+        headers["content-type"] = "application/json"
+    status, resp_headers, resp = http_get(f"http://127.0.0.1:{LISTEN}{path}", headers,
+                                          data=body.encode() if body is not None else None)
+    h1 = hits()
+    reached = [c for c in h1 if h1[c] != h0[c]]
+    if len(reached) > 1:
+        raise RuntimeError(f"one request reached several clusters: {reached}")
+    served_by = {k.lower(): v for k, v in resp_headers.items()}.get("x-infermesh-served-by")
+    return status, served_by, resp, reached[0] if reached else None
+
+
 def check_routing(variant):
-    """One keyed request must answer 200; header variants must route by key."""
-    status, headers, body = http_get(f"http://127.0.0.1:{LISTEN}{PATH}", {KEY_HEADER: "user-1"})
-    if status != 200 or b"digits-mlp" not in body:
-        raise RuntimeError(f"{variant}: bad answer {status} {body[:200]!r}")
-    return headers.get("x-infermesh-served-by")
+    """Probe requests before the load: each must answer 200 from the
+    cluster it names (header-routed variants), and a router variant must
+    answer an unknown version with its own 404."""
+    var = ALL_VARIANTS[variant]
+    routers = any(f.wasm == ROUTER_WASM for f in var.filters)
+    problems = []
+    probes = []  # (method, path, body, expected cluster or None)
+    if var.requests == "post":
+        probes += [("POST", BODY_PATH, body_for(1, v), f"v{v}") for v in ("1", "2")]
+    elif var.requests == "pinned" or routers:
+        probes += [("GET", f"/v2/models/digits-mlp/versions/{v}/infer", None, f"v{v}") for v in ("1", "2")]
+    if var.requests == "get":
+        probes.append(("GET", PATH, None, None))
+    seen = {}
+    for method, path, body, want in probes:
+        status, served_by, resp, reached = probe(method, path, body)
+        seen[f"{method} {path} {(body or '')[40:70]}"] = [status, served_by, reached]
+        if status != 200 or b"digits-mlp" not in resp:
+            problems.append(f"{method} {path}: {status} {resp[:200]!r}")
+        elif var.routes == "weighted":
+            # native-post routes the body requests at random: any version.
+            if reached not in ("v1", "v2"):
+                problems.append(f"{method} {path}: reached {reached}")
+        elif (var.routes == "header" and want is not None and reached != want) or reached == "default":
+            problems.append(f"{method} {path}: reached {reached}, want {want or 'v1 or v2'}")
+        elif served_by is not None and f"v{served_by.rsplit('/', 1)[-1]}" != reached:
+            problems.append(f"{method} {path}: served-by {served_by} but reached {reached}")
+        elif routers and served_by is None:
+            # Every probe here names a version (or the canary picks one).
+            problems.append(f"{method} {path}: no x-infermesh-served-by")
+    if routers:
+        # The router itself answers an unknown version; the upstream sees nothing.
+        method, path, body = (("POST", BODY_PATH, body_for(1, "9")) if var.requests == "post"
+                              else ("GET", "/v2/models/digits-mlp/versions/9/infer", None))
+        status, _, resp, reached = probe(method, path, body)
+        seen[f"{method} {path} version 9"] = [status, None, reached]
+        if status != 404 or reached is not None or b"no version" not in resp:
+            problems.append(f"unknown version: {status} {resp[:200]!r}, reached {reached}")
+    if problems:
+        raise RuntimeError(f"{variant}: routing check failed: " + "; ".join(problems))
+    return seen
+
+
+def check_window(variant, w, requests, non_2xx):
+    """Routing over one load window: v2 share near 0.10, the default
+    cluster never hit, next to no errors. Returns a list of problems."""
+    problems = []
+    lo, hi = V2_SHARE_RANGE
+    if not lo <= w["v2_share"] <= hi:
+        problems.append(f"v2 share {w['v2_share']:.3f} outside {lo}–{hi}")
+    if w["upstream_hits"]["default"]:
+        problems.append(f"default cluster hit {w['upstream_hits']['default']} times")
+    if requests and non_2xx / requests > MAX_NON_2XX_SHARE:
+        problems.append(f"{non_2xx} of {requests} answers not 2xx")
+    return problems
+
+
+# The router source every request of a variant must be counted under, and
+# whether its requests name a version (pinned) or leave it to the canary.
+ROUTER_EXPECT = {"router": ("path", True), "router-body": ("body", True), "router+canary": ("path", False)}
+
+
+def router_stats_problems(variant, stats):
+    """From the router's own counters: every request of the run was routed
+    from the expected source, none fell back from the body."""
+    if variant not in ROUTER_EXPECT:
+        return []
+    source, pinned = ROUTER_EXPECT[variant]
+    problems = [f"body fallback {k}: {n}" for k, n in stats.items() if "body_fallback" in k and n]
+    routed = {k: n for k, n in stats.items() if "router_requests_total" in k and n}
+    for k, n in routed.items():
+        if f"source=.={source};" not in k:
+            problems.append(f"{n} requests routed otherwise: {k}")
+        elif pinned and "version=.=unpinned;" in k:
+            problems.append(f"{n} requests not pinned: {k}")
+    if sum(routed.values()) == 0:
+        problems.append("the router counted no requests")
+    return problems
 
 
 def one_run(variant, rnd, workdir):
     load0 = loadavg()
     p = start_envoy(variant, workdir)
     try:
-        served_by = check_routing(variant)
-        run_wrk(WARMUP)  # V8 tiering, connection setup, caches
+        probes = check_routing(variant)
+        run_wrk(WARMUP, variant)  # V8 tiering, connection setup, caches
         with Window(p.pid) as w:
-            sat = run_wrk(DURATION)
+            sat = run_wrk(DURATION, variant)
         sat.update(w.record())
         with Window(p.pid) as w:
-            paced = run_paced(DURATION)
+            paced = run_paced(DURATION, variant)
         paced.update(w.record())
+        stats = filter_stats()
     finally:
         stop(p)
+    problems_stats = router_stats_problems(variant, stats)
+    problems = problems_stats + ([f"sat: {x}" for x in check_window(variant, sat, sat["wrk_requests"], sat["non_2xx"])] +
+                [f"paced: {x}" for x in check_window(variant, paced, paced["completed"],
+                                                     paced["non_2xx"] + paced["errors"])])
     return {"variant": variant, "round": rnd, "loadavg_before": load0,
-            "served_by_user1": served_by, "sat": sat, "paced": paced}
+            "probes": probes, "filter_stats": stats, "routing_problems": problems, "sat": sat, "paced": paced}
 
 
 def med_range(xs):
@@ -358,7 +575,8 @@ def summarise(runs, variants):
     rows = []
     for v in variants:
         vr = [by[(v, n)] for n in rounds if (v, n) in by]
-        row = {"variant": v, "description": ALL_VARIANTS[v][3]}
+        base = ALL_VARIANTS[v].baseline
+        row = {"variant": v, "description": ALL_VARIANTS[v].description, "baseline": base}
         metrics = {
             "sat_rps": [r["sat"]["wrk_rps"] for r in vr],
             "sat_cpu_us": [r["sat"]["cpu_us_per_rq"] for r in vr],
@@ -373,11 +591,12 @@ def summarise(runs, variants):
         }
         for k, xs in metrics.items():
             row[k] = med_range(xs)
-        # Paired with native in the same round: cancels slow drift in noise.
-        if "native" in variants:
+        # Paired with the baseline (native, or native-post for body
+        # variants) in the same round: cancels slow drift in noise.
+        if base in variants and base != v:
             def paired(f, op):
-                return [op(f(by[(v, n)]), f(by[("native", n)])) for n in rounds
-                        if (v, n) in by and ("native", n) in by]
+                return [op(f(by[(v, n)]), f(by[(base, n)])) for n in rounds
+                        if (v, n) in by and (base, n) in by]
             sub = lambda a, b: a - b  # noqa: E731
             row["rps_ratio"] = med_range(paired(lambda r: r["sat"]["wrk_rps"], lambda a, b: a / b))
             row["added_sat_cpu_us"] = med_range(paired(lambda r: r["sat"]["cpu_us_per_rq"], sub))
@@ -389,13 +608,13 @@ def summarise(runs, variants):
 
 
 def print_table(rows):
-    print("\nmedian (min–max) over rounds; 'added' and 'ratio' are paired with native in the same round")
-    hdr = ["variant", "sat req/s", "ratio", "CPU µs/req (sat)", "+CPU µs (sat)",
+    print("\nmedian (min–max) over rounds; 'added' and 'ratio' are paired with the baseline ('vs') in the same round")
+    hdr = ["variant", "vs", "sat req/s", "ratio", "CPU µs/req (sat)", "+CPU µs (sat)",
            "CPU µs/req (paced)", "+CPU µs (paced)", "p50 µs", "+p50 µs", "p99 µs", "+p99 µs", "v2 share"]
     lines = [hdr]
     for r in rows:
         g = lambda k, s: fmt(*r[k], s) if k in r else "-"  # noqa: E731
-        lines.append([r["variant"], g("sat_rps", ".0f"), g("rps_ratio", ".3f"), g("sat_cpu_us", ".1f"),
+        lines.append([r["variant"], r["baseline"] if "rps_ratio" in r else "—", g("sat_rps", ".0f"), g("rps_ratio", ".3f"), g("sat_cpu_us", ".1f"),
                       g("added_sat_cpu_us", "+.1f"), g("paced_cpu_us", ".1f"), g("added_paced_cpu_us", "+.1f"),
                       g("paced_p50_us", ".0f"), g("added_p50_us", "+.0f"), g("paced_p99_us", ".0f"),
                       g("added_p99_us", "+.0f"), f"{r['v2_share'][0]:.3f}"])
@@ -430,18 +649,20 @@ def clean_summary(runs, variants, clean_max):
             xs = vals(v, window, f)
             row[k] = med_range(xs) + (len(xs),)
         rows.append(row)
-    base = next((r for r in rows if r["variant"] == "native"), None)
-    if base:
-        for r in rows:
-            r["rps_ratio"] = r["sat_rps"][0] / base["sat_rps"][0] if base["sat_rps"][3] else float("nan")
-            for k in ("sat_cpu_us", "paced_cpu_us", "paced_p50_us", "paced_p99_us"):
-                r["added_" + k] = r[k][0] - base[k][0]
+    by = {r["variant"]: r for r in rows}
+    for r in rows:
+        base = by.get(ALL_VARIANTS[r["variant"]].baseline)
+        if base is None or base is r:
+            continue
+        r["rps_ratio"] = r["sat_rps"][0] / base["sat_rps"][0] if base["sat_rps"][3] else float("nan")
+        for k in ("sat_cpu_us", "paced_cpu_us", "paced_p50_us", "paced_p99_us"):
+            r["added_" + k] = r[k][0] - base[k][0]
     return rows
 
 
 def print_clean(rows, clean_max):
     print(f"\nclean windows only (other processes used <= {clean_max:.0%} of core {ENVOY_CORE}); "
-          "median (min–max, n); added/ratio = difference/ratio of medians vs native")
+          "median (min–max, n); added/ratio = difference/ratio of medians vs the variant's baseline")
     hdr = ["variant", "sat req/s", "ratio", "CPU µs/req (sat)", "+CPU", "CPU µs/req (paced)", "+CPU",
            "p50 µs", "+p50", "p99 µs", "+p99"]
     print("| " + " | ".join(hdr) + " |")
@@ -479,6 +700,7 @@ def main():
     upstream = subprocess.Popen(pinned(LOAD_CORE, [TOOLS, "upstream"] +
                                        [a for port in UPSTREAMS.values() for a in ("--listen", f"127.0.0.1:{port}")]),
                                 stdout=up_log, stderr=subprocess.STDOUT)
+    REQUEST_FILES.update(write_requests(workdir))
     runs = []
     meta = {
         "started": stamp, "rounds": ROUNDS, "duration_s": DURATION, "warmup_s": WARMUP, "rate": RATE,
@@ -487,7 +709,10 @@ def main():
         "envoy_version": subprocess.run([ENVOY, "--version"], capture_output=True, text=True).stdout.strip(),
         "kernel": os.uname().release,
         "canary_sha256": subprocess.run(["sha256sum", CANARY_WASM], capture_output=True, text=True).stdout.split(" ")[0],
-        "configs": {v: ALL_VARIANTS[v][1] for v in VARIANTS},
+        "router_sha256": subprocess.run(["sha256sum", ROUTER_WASM], capture_output=True, text=True).stdout.split(" ")[0],
+        "configs": {v: {"filters": [f._asdict() for f in ALL_VARIANTS[v].filters],
+                        "routes": ALL_VARIANTS[v].routes, "requests": ALL_VARIANTS[v].requests}
+                    for v in VARIANTS},
     }
     try:
         wait_for(lambda: upstream.poll() is None and hits() is not None, "upstream")
@@ -503,6 +728,8 @@ def main():
                     f"{pc['cpu_us_per_rq']:.1f} µs/req  v2 {s['v2_share']:.3f} default {s['upstream_hits']['default']}"
                     f"{'  NON-2XX ' + str(s['non_2xx']) if s['non_2xx'] or pc['non_2xx'] or pc['errors'] else ''}"
                     f"{'  OVERLOADED: ' + str(pc['unsent']) + ' unsent' if pc.get('unsent') else ''}")
+                if r["routing_problems"]:
+                    raise RuntimeError(f"round {rnd} {v}: routing check failed: {'; '.join(r['routing_problems'])}")
     finally:
         upstream.send_signal(signal.SIGINT)
         try:

@@ -7,7 +7,9 @@
 //! - `bench-tools paced --addr ADDR --rate N ...`: an open-loop load
 //!   generator with a fixed send schedule; latency runs from the scheduled
 //!   send time, so a slow response delays no measurement (no coordinated
-//!   omission). Prints one JSON object.
+//!   omission). Prints one JSON object. `--requests FILE` sends the
+//!   methods, paths and JSON bodies listed in FILE, one per key, instead of
+//!   `GET --path`.
 
 mod paced;
 mod upstream;
@@ -17,7 +19,13 @@ use anyhow::{bail, Context as _};
 const USAGE: &str = "usage:
   bench-tools upstream --listen ADDR [--listen ADDR ...]
   bench-tools paced --addr ADDR --rate REQ_PER_S --duration S [--warmup S]
-                    [--connections N] [--path PATH] [--key-header NAME] [--keys N]";
+                    [--connections N] [--key-header NAME]
+                    [--path PATH] [--keys N] | [--requests FILE]
+    FILE: one request per line, METHOD<TAB>PATH[<TAB>JSON BODY];
+    line K is sent with header NAME: user-K";
+
+/// Largest requests file read.
+const MAX_REQUESTS_FILE: u64 = 64 << 20;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -45,6 +53,7 @@ fn main() -> anyhow::Result<()> {
         "paced" => {
             let mut cfg = paced::Config::default();
             let mut addr = None;
+            let mut path_or_keys = false;
             for (flag, value) in pairs(rest)? {
                 let num = || -> anyhow::Result<f64> {
                     value
@@ -63,13 +72,21 @@ fn main() -> anyhow::Result<()> {
                             .parse()
                             .with_context(|| format!("--connections {value:?}"))?
                     }
-                    "--path" => cfg.path = value.to_owned(),
+                    "--path" => {
+                        cfg.path = value.to_owned();
+                        path_or_keys = true;
+                    }
+                    "--requests" => cfg.requests = read_requests(value)?,
                     "--key-header" => cfg.key_header = value.to_owned(),
                     "--keys" => {
-                        cfg.keys = value.parse().with_context(|| format!("--keys {value:?}"))?
+                        cfg.keys = value.parse().with_context(|| format!("--keys {value:?}"))?;
+                        path_or_keys = true;
                     }
                     _ => bail!("unknown flag {flag:?}\n{USAGE}"),
                 }
+            }
+            if path_or_keys && !cfg.requests.is_empty() {
+                bail!("--requests replaces --path and --keys; give one or the other\n{USAGE}");
             }
             let Some(addr) = addr else {
                 bail!("paced needs --addr\n{USAGE}");
@@ -81,6 +98,18 @@ fn main() -> anyhow::Result<()> {
         }
         _ => bail!("unknown command {cmd:?}\n{USAGE}"),
     }
+}
+
+/// Reads and parses a `--requests` file.
+fn read_requests(file: &str) -> anyhow::Result<Vec<paced::Spec>> {
+    let len = std::fs::metadata(file)
+        .with_context(|| format!("--requests {file:?}"))?
+        .len();
+    if len > MAX_REQUESTS_FILE {
+        bail!("--requests {file:?}: {len} bytes, the limit is {MAX_REQUESTS_FILE}");
+    }
+    let text = std::fs::read_to_string(file).with_context(|| format!("--requests {file:?}"))?;
+    paced::parse_requests(&text).with_context(|| format!("--requests {file:?}"))
 }
 
 /// Splits `--flag value` pairs.

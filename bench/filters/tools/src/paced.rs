@@ -6,6 +6,11 @@
 //! slow the requests queued behind it count that wait too (no coordinated
 //! omission). `send_lag` (actual send − due time) shows how well the client
 //! itself kept the schedule.
+//!
+//! By default every request is `GET path` with `key_header: user-K`, K
+//! cycling over `keys`. With a requests file (see [`parse_requests`]) line
+//! K gives request K's method, path and optional JSON body instead, still
+//! with `key_header: user-K`.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -18,6 +23,10 @@ use serde_json::{json, Value};
 const MAX_REQUESTS: f64 = 20_000_000.0;
 /// Largest response head or body the client accepts.
 const MAX_RESPONSE: usize = 1 << 20;
+/// Most lines in a requests file (the same bound as `keys`).
+pub const MAX_SPECS: usize = 1_000_000;
+/// Largest request body in a requests file.
+pub const MAX_BODY: usize = 1 << 20;
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long past the end of the schedule a run may go on. An overloaded
 /// target leaves the rest of the schedule unsent (counted in `unsent`)
@@ -34,6 +43,92 @@ pub struct Config {
     pub path: String,
     pub key_header: String,
     pub keys: usize,
+    /// Request shapes from a requests file; empty: `GET path` × `keys`.
+    pub requests: Vec<Spec>,
+}
+
+/// One request shape: line K of a requests file is request K.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Spec {
+    pub method: String,
+    pub path: String,
+    /// Sent with `content-type: application/json` and its length.
+    pub body: Option<String>,
+}
+
+/// Parses a requests file: one request per line, `METHOD<TAB>PATH` or
+/// `METHOD<TAB>PATH<TAB>BODY` (the body is the rest of the line). Empty
+/// lines are skipped. Errors name the 1-based line.
+pub fn parse_requests(text: &str) -> Result<Vec<Spec>, PacedError> {
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        if line.is_empty() {
+            continue;
+        }
+        if out.len() == MAX_SPECS {
+            return Err(invalid("requests file (more than 1000000 lines)", n + 1));
+        }
+        let mut parts = line.splitn(3, '\t');
+        let method = parts.next().unwrap_or_default();
+        let Some(path) = parts.next() else {
+            return Err(invalid(
+                "requests file line (METHOD<TAB>PATH[<TAB>BODY])",
+                format!("line {}: {line:.80}", n + 1),
+            ));
+        };
+        let spec = Spec {
+            method: method.to_owned(),
+            path: path.to_owned(),
+            body: parts.next().map(str::to_owned),
+        };
+        spec.check()
+            .map_err(|e| invalid("requests file", format!("line {}: {e}", n + 1)))?;
+        out.push(spec);
+    }
+    if out.is_empty() {
+        return Err(invalid("requests file", "no requests"));
+    }
+    Ok(out)
+}
+
+impl Spec {
+    fn check(&self) -> Result<(), PacedError> {
+        let upper = |b: u8| b.is_ascii_uppercase();
+        if self.method.is_empty() || self.method.len() > 16 || !self.method.bytes().all(upper) {
+            return Err(invalid("method (upper-case letters)", &self.method));
+        }
+        check_path(&self.path)?;
+        if let Some(body) = &self.body {
+            if body.len() > MAX_BODY {
+                return Err(invalid("body (bytes, at most 1 MiB)", body.len()));
+            }
+        }
+        Ok(())
+    }
+
+    /// The request bytes for key `k`.
+    fn render(&self, key_header: &str, k: usize) -> Vec<u8> {
+        let mut head = format!(
+            "{} {} HTTP/1.1\r\nhost: bench\r\nuser-agent: bench-tools\r\n{key_header}: user-{k}\r\n",
+            self.method, self.path
+        );
+        if let Some(body) = &self.body {
+            head.push_str(&format!(
+                "content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            ));
+        } else {
+            head.push_str("\r\n");
+        }
+        head.into_bytes()
+    }
+}
+
+fn check_path(path: &str) -> Result<(), PacedError> {
+    if !path.starts_with('/') || path.bytes().any(|b| b <= b' ' || b == 0x7f) {
+        return Err(invalid("path", path));
+    }
+    Ok(())
 }
 
 impl Default for Config {
@@ -47,6 +142,7 @@ impl Default for Config {
             path: "/v2/models/digits-mlp/infer".to_owned(),
             key_header: "x-user-id".to_owned(),
             keys: 1_000,
+            requests: Vec::new(),
         }
     }
 }
@@ -83,8 +179,12 @@ impl Config {
         if !(1..=1_000_000).contains(&self.keys) {
             return Err(invalid("keys (1..=1000000)", self.keys));
         }
-        if !self.path.starts_with('/') || self.path.bytes().any(|b| b <= b' ' || b == 0x7f) {
-            return Err(invalid("path", &self.path));
+        check_path(&self.path)?;
+        if self.requests.len() > MAX_SPECS {
+            return Err(invalid("requests (at most 1000000)", self.requests.len()));
+        }
+        for spec in &self.requests {
+            spec.check()?;
         }
         let token = |b: u8| b.is_ascii_alphanumeric() || b == b'-' || b == b'_';
         if self.key_header.is_empty() || !self.key_header.bytes().all(token) {
@@ -114,15 +214,22 @@ struct Samples {
 pub fn run(cfg: &Config) -> Result<Value, PacedError> {
     let total = cfg.check()?;
     let warmup_n = (cfg.rate * cfg.warmup_s).ceil() as u64;
-    let requests: Vec<Vec<u8>> = (0..cfg.keys)
-        .map(|k| {
-            format!(
-                "GET {} HTTP/1.1\r\nhost: bench\r\nuser-agent: bench-tools\r\n{}: user-{k}\r\n\r\n",
-                cfg.path, cfg.key_header
-            )
-            .into_bytes()
-        })
-        .collect();
+    let requests: Vec<Vec<u8>> = if cfg.requests.is_empty() {
+        let get = Spec {
+            method: "GET".to_owned(),
+            path: cfg.path.clone(),
+            body: None,
+        };
+        (0..cfg.keys)
+            .map(|k| get.render(&cfg.key_header, k))
+            .collect()
+    } else {
+        cfg.requests
+            .iter()
+            .enumerate()
+            .map(|(k, spec)| spec.render(&cfg.key_header, k))
+            .collect()
+    };
     // Time to start the threads and connect before the first request is due.
     let start = Instant::now() + Duration::from_millis(200);
     let per_conn = total / cfg.connections as u64 + 1;
@@ -433,6 +540,130 @@ mod tests {
         );
         let rate = r["rate_achieved"].as_f64().unwrap_or(0.0);
         assert!((150.0..250.0).contains(&rate), "achieved {rate} req/s");
+    }
+
+    #[test]
+    fn requests_file_lines_parse_and_bad_lines_are_refused() {
+        let specs = parse_requests("GET\t/a\n\nPOST\t/predict\t{\"x\":\t1}\n").expect("parse");
+        assert_eq!(
+            specs,
+            vec![
+                Spec {
+                    method: "GET".into(),
+                    path: "/a".into(),
+                    body: None
+                },
+                Spec {
+                    method: "POST".into(),
+                    path: "/predict".into(),
+                    body: Some("{\"x\":\t1}".into())
+                },
+            ]
+        );
+        for bad in [
+            "",
+            "\n\n",
+            "GET /a",
+            "get\t/a",
+            "GET\tno-slash",
+            "GET\t/a b",
+            "GET\t/ok\nPOST",
+        ] {
+            let err = parse_requests(bad).expect_err(bad);
+            assert!(err.to_string().starts_with("invalid "), "{bad:?}: {err}");
+        }
+        let huge = format!("POST\t/p\t{}", "x".repeat(MAX_BODY + 1));
+        assert!(parse_requests(&huge).is_err());
+    }
+
+    /// Request K of a requests file goes out with line K's method, path and
+    /// body, framed so that a keep-alive server reads every one.
+    #[test]
+    fn requests_file_bodies_reach_a_real_server_intact() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = std::sync::Arc::clone(&seen);
+        thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let log = std::sync::Arc::clone(&log);
+                thread::spawn(move || serve_recording(stream, &log));
+            }
+        });
+        let requests = parse_requests(concat!(
+            "POST\t/predict\t{\"parameters\":{\"model_version\":\"1\"}}\n",
+            "POST\t/predict\t{\"parameters\":{\"model_version\":\"2\"},\"pad\":\"\u{e9}\"}\n",
+            "GET\t/v2/models/m/versions/2/infer\n",
+        ))
+        .expect("parse");
+        let cfg = Config {
+            addr,
+            rate: 300.0,
+            duration_s: 0.5,
+            warmup_s: 0.0,
+            connections: 2,
+            requests: requests.clone(),
+            ..Config::default()
+        };
+        let r = run(&cfg).expect("run");
+        assert_eq!(r["errors"], 0, "{r}");
+        assert_eq!(r["non_2xx"], 0, "{r}");
+        assert_eq!(r["completed"], 150, "{r}");
+        let seen = seen.lock().map(|v| v.clone()).unwrap_or_default();
+        assert_eq!(seen.len(), 150);
+        for (method, path, key, body) in seen {
+            let k: usize = key
+                .strip_prefix("user-")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(usize::MAX);
+            let spec = requests.get(k).expect("key names a line");
+            assert_eq!((&method, &path), (&spec.method, &spec.path));
+            assert_eq!(body, spec.body.clone().unwrap_or_default().into_bytes());
+        }
+    }
+
+    type Seen = std::sync::Arc<std::sync::Mutex<Vec<(String, String, String, Vec<u8>)>>>;
+
+    /// Reads requests with `content-length` bodies, records (method, path,
+    /// x-user-id, body) and answers 200.
+    fn serve_recording(mut s: TcpStream, log: &Seen) {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some(p) = find(&buf, b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..p]).into_owned();
+                let mut lines = head.split("\r\n");
+                let mut first = lines.next().unwrap_or_default().split(' ');
+                let method = first.next().unwrap_or_default().to_owned();
+                let path = first.next().unwrap_or_default().to_owned();
+                let (mut len, mut key) = (0, String::new());
+                for line in lines {
+                    if let Some((n, v)) = line.split_once(':') {
+                        if n.eq_ignore_ascii_case("content-length") {
+                            len = v.trim().parse().unwrap_or(0);
+                        } else if n.eq_ignore_ascii_case("x-user-id") {
+                            key = v.trim().to_owned();
+                        }
+                    }
+                }
+                if buf.len() >= p + 4 + len {
+                    let body = buf[p + 4..p + 4 + len].to_vec();
+                    buf.drain(..p + 4 + len);
+                    if let Ok(mut v) = log.lock() {
+                        v.push((method, path, key, body));
+                    }
+                    let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}";
+                    if s.write_all(ok).is_err() {
+                        return;
+                    }
+                    continue;
+                }
+            }
+            match s.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
     }
 
     fn serve_slowly(mut s: TcpStream) {

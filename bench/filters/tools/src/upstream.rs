@@ -1,5 +1,7 @@
 //! A small, fast upstream: one tokio thread (the benchmark pins it to the
 //! load generator's core), HTTP/1.1 keep-alive, a fixed JSON answer.
+//! Request bodies (up to [`MAX_BODY`]) are read before answering, so POST
+//! connections stay reusable; a larger body gets 413.
 
 use std::cell::Cell;
 use std::convert::Infallible;
@@ -7,7 +9,7 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt as _, Full, Limited};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -17,6 +19,9 @@ use tokio::net::TcpListener;
 
 /// An OIP v2 infer response of realistic size for a small classifier.
 const BODY: &[u8] = br#"{"model_name":"digits-mlp","model_version":"1","outputs":[{"name":"probabilities","datatype":"FP32","shape":[1,10],"data":[0.01,0.02,0.01,0.85,0.01,0.02,0.03,0.02,0.02,0.01]}]}"#;
+
+/// Largest request body read.
+const MAX_BODY: usize = 1 << 20;
 
 /// Path that reports hit counts instead of being counted.
 const HITS_PATH: &str = "/__hits";
@@ -58,7 +63,7 @@ async fn accept_loop(listener: TcpListener, index: usize, hits: Hits) {
         tokio::task::spawn_local(async move {
             let svc = service_fn(move |req: Request<Incoming>| {
                 let hits = Rc::clone(&hits);
-                async move { Ok::<_, Infallible>(answer(&req, index, &hits)) }
+                async move { Ok::<_, Infallible>(answer(req, index, &hits).await) }
             });
             if let Err(e) = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)
@@ -70,12 +75,24 @@ async fn accept_loop(listener: TcpListener, index: usize, hits: Hits) {
     }
 }
 
-fn answer(
-    req: &Request<Incoming>,
+async fn answer(
+    req: Request<Incoming>,
     index: usize,
     hits: &[(SocketAddr, Cell<u64>)],
 ) -> Response<Full<Bytes>> {
-    if req.uri().path() == HITS_PATH {
+    let is_hits = req.uri().path() == HITS_PATH;
+    if Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .is_err()
+    {
+        let mut resp = json(Bytes::from_static(
+            br#"{"error":"request body too large or broken"}"#,
+        ));
+        *resp.status_mut() = hyper::StatusCode::PAYLOAD_TOO_LARGE;
+        return resp;
+    }
+    if is_hits {
         let counts: serde_json::Map<String, serde_json::Value> = hits
             .iter()
             .map(|(a, n)| (a.port().to_string(), n.get().into()))
