@@ -19,7 +19,9 @@
 #                   canary-trust; and the model-router ones: router (pinned
 #                   OIP paths), router-body (POST /predict, version from a
 #                   300-byte JSON body; paired with native-post, the same
-#                   POSTs through weighted_clusters), router+canary)
+#                   POSTs through weighted_clusters), router+canary, and
+#                   router-post (router-body's filter, the same POST sent to
+#                   a pinned path: the body is not read))
 #   REBUILD_CANARY=1  rebuild dist/*.wasm with ./wasm-build.sh even if present
 #   BASE_PORT=28080 loopback ports BASE_PORT..BASE_PORT+10
 #   NICE=-10        nice level of Envoy, load and upstream (0 when not root)

@@ -111,6 +111,8 @@ REQUEST_SETS = {
     "get": None,
     "pinned": lambda k: ("GET", f"/v2/models/digits-mlp/versions/{version_for(k)}/infer", None),
     "post": lambda k: ("POST", BODY_PATH, body_for(k, version_for(k))),
+    "post-pinned": lambda k: ("POST", f"/v2/models/digits-mlp/versions/{version_for(k)}/infer",
+                              body_for(k, version_for(k))),
 }
 
 
@@ -162,6 +164,11 @@ ALL_VARIANTS = {
     "router-body": Variant([Filter(ROUTER_WASM, json.dumps(ROUTER_BODY_CFG), "model-router", True)], "header",
                            "post", "native-post",
                            "model-router, body source: POST /predict, version from /parameters/model_version"),
+    # Attribution: the router-body filter and config, the same body, but the
+    # path names the version, so the body is neither buffered nor read.
+    "router-post": Variant([Filter(ROUTER_WASM, json.dumps(ROUTER_BODY_CFG), "model-router", True)], "header",
+                           "post-pinned", "native-post",
+                           "router-body's filter and config, POST the same body to a pinned OIP path (body unread)"),
     "router+canary": Variant([Filter(ROUTER_WASM, json.dumps(ROUTER_CFG), "model-router"),
                               CANARY({**CANARY_CFG, "trust_downstream_headers": True})], "header", "get", "native",
                              "model-router then canary (trust_downstream_headers), unpinned GET"),
@@ -464,6 +471,9 @@ def check_routing(variant):
     probes = []  # (method, path, body, expected cluster or None)
     if var.requests == "post":
         probes += [("POST", BODY_PATH, body_for(1, v), f"v{v}") for v in ("1", "2")]
+    elif var.requests == "post-pinned":
+        probes += [("POST", f"/v2/models/digits-mlp/versions/{v}/infer", body_for(1, v), f"v{v}")
+                   for v in ("1", "2")]
     elif var.requests == "pinned" or routers:
         probes += [("GET", f"/v2/models/digits-mlp/versions/{v}/infer", None, f"v{v}") for v in ("1", "2")]
     if var.requests == "get":
@@ -487,8 +497,10 @@ def check_routing(variant):
             problems.append(f"{method} {path}: no x-infermesh-served-by")
     if routers:
         # The router itself answers an unknown version; the upstream sees nothing.
-        method, path, body = (("POST", BODY_PATH, body_for(1, "9")) if var.requests == "post"
-                              else ("GET", "/v2/models/digits-mlp/versions/9/infer", None))
+        method, path, body = {
+            "post": ("POST", BODY_PATH, body_for(1, "9")),
+            "post-pinned": ("POST", "/v2/models/digits-mlp/versions/9/infer", body_for(1, "9")),
+        }.get(var.requests, ("GET", "/v2/models/digits-mlp/versions/9/infer", None))
         status, _, resp, reached = probe(method, path, body)
         seen[f"{method} {path} version 9"] = [status, None, reached]
         if status != 404 or reached is not None or b"no version" not in resp:
@@ -514,7 +526,8 @@ def check_window(variant, w, requests, non_2xx):
 
 # The router source every request of a variant must be counted under, and
 # whether its requests name a version (pinned) or leave it to the canary.
-ROUTER_EXPECT = {"router": ("path", True), "router-body": ("body", True), "router+canary": ("path", False)}
+ROUTER_EXPECT = {"router": ("path", True), "router-body": ("body", True), "router-post": ("path", True),
+                 "router+canary": ("path", False)}
 
 
 def router_stats_problems(variant, stats):
