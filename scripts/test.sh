@@ -35,6 +35,8 @@ fi
 
 if [ -d sidecar/tests/client ] && ls sidecar/tests/client/test_*.py >/dev/null 2>&1; then
   echo "== tritonclient against the sidecar"
-  cargo build --locked -p sidecar
+  # cargo test built the binary for the sidecar's own process tests; a
+  # separate `cargo build` would rebuild it with other features.
+  [ -x target/debug/infermesh-sidecar ] || cargo build --locked -p sidecar
   SIDECAR_BIN="$root/target/debug/infermesh-sidecar" .tools/venv/bin/python -m pytest -q sidecar/tests/client
 fi
