@@ -43,12 +43,8 @@ struct RawConfig {
     override_header: Option<String>,
     #[serde(default)]
     trust_downstream_headers: bool,
-    #[serde(default = "yes")]
+    #[serde(default = "super::default_true")]
     served_by_header: bool,
-}
-
-fn yes() -> bool {
-    true
 }
 
 #[derive(Debug, Deserialize)]

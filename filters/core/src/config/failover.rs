@@ -79,12 +79,8 @@ struct RawConfig {
     hedge: RawHedge,
     #[serde(default)]
     trust_downstream_headers: bool,
-    #[serde(default = "yes")]
+    #[serde(default = "super::default_true")]
     served_by_header: bool,
-}
-
-fn yes() -> bool {
-    true
 }
 
 #[derive(Debug, Deserialize)]

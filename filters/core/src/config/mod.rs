@@ -72,6 +72,11 @@ pub(crate) fn from_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ConfigEr
     Ok(value)
 }
 
+/// Serde default for flags that are on unless switched off.
+pub(crate) fn default_true() -> bool {
+    true
+}
+
 /// Longest model or version name in a config.
 pub const MAX_NAME: usize = 128;
 
