@@ -5,6 +5,8 @@
 //! onnxruntime.
 //!
 //! ```no_run
+//! use tract_onnx::prelude::*;
+//!
 //! let model = onnx_ml_ops::onnx().model_for_path("forest.onnx");
 //! ```
 //!
