@@ -99,8 +99,18 @@ def test_health_and_metadata(server):
         assert m["inputs"][0]["name"] == "input"
         assert m["inputs"][0]["datatype"] == "FP32"
     assert not server.is_model_ready("no-such-model")
+    # Every version on disk is served (the example configs keep the latest
+    # two, and every example model has exactly versions 1 and 2).
+    on_disk = {
+        (m.name, v.name)
+        for m in MODELS.iterdir()
+        if (m / "config.json").is_file()
+        for v in m.iterdir()
+        if (v / "model.onnx").is_file()
+    }
     index = server.get_model_repository_index()
-    assert sum(1 for e in index if e["state"] == "READY") == 6
+    ready = {(e["name"], e["version"]) for e in index if e["state"] == "READY"}
+    assert ready == on_disk, sorted(on_disk ^ ready)
 
 
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
