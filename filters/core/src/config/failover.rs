@@ -210,15 +210,7 @@ fn validate_cloud(path: &str, raw: RawCloud) -> Result<Cloud, ConfigError> {
             format!("{} tags, the limit is {MAX_TAGS}", raw.tags.len()),
         ));
     }
-    for (i, t) in raw.tags.iter().enumerate() {
-        check_name(&format!("{path}.tags[{i}]"), t)?;
-        if raw.tags.iter().take(i).any(|o| o == t) {
-            return Err(ConfigError::new(
-                format!("{path}.tags[{i}]"),
-                format!("tag {t:?} is listed twice"),
-            ));
-        }
-    }
+    super::check_unique_names(&format!("{path}.tags"), &raw.tags, "tag")?;
     if !raw.cost.is_finite() || raw.cost < 0.0 {
         return Err(ConfigError::new(
             format!("{path}.cost"),

@@ -140,6 +140,21 @@ pub fn check_client_header(path: &str, name: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// Every entry of `names` is a valid name (see [`check_name`]) and none is
+/// listed twice; errors name `path[i]`.
+pub fn check_unique_names(path: &str, names: &[String], what: &str) -> Result<(), ConfigError> {
+    for (i, n) in names.iter().enumerate() {
+        check_name(&format!("{path}[{i}]"), n)?;
+        if names.iter().take(i).any(|o| o == n) {
+            return Err(ConfigError::new(
+                format!("{path}[{i}]"),
+                format!("{what} {n:?} is listed twice"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// A list of `what` with 1 to `max` entries.
 pub fn check_len(path: &str, len: usize, max: usize, what: &str) -> Result<(), ConfigError> {
     if len == 0 {

@@ -21,7 +21,9 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use super::{check_client_header, check_len, check_name, from_json, ConfigError};
+use super::{
+    check_client_header, check_len, check_name, check_unique_names, from_json, ConfigError,
+};
 use crate::jsonscan::Pointer;
 
 pub const MAX_MODELS: usize = 256;
@@ -235,15 +237,7 @@ fn validate_model(path: &str, raw: RawModel) -> Result<Model, ConfigError> {
             format!("{} versions: list 1 to {MAX_VERSIONS}", raw.versions.len()),
         ));
     }
-    for (i, v) in raw.versions.iter().enumerate() {
-        check_name(&format!("{path}.versions[{i}]"), v)?;
-        if raw.versions.iter().take(i).any(|o| o == v) {
-            return Err(ConfigError::new(
-                format!("{path}.versions[{i}]"),
-                format!("version {v:?} is listed twice"),
-            ));
-        }
-    }
+    check_unique_names(&format!("{path}.versions"), &raw.versions, "version")?;
     if raw.aliases.len() > MAX_ALIASES {
         return Err(ConfigError::new(
             format!("{path}.aliases"),
