@@ -10,6 +10,10 @@ use filter_core::hash::{bucket, BUCKETS};
 use filter_core::router;
 use filter_core::{headers, oip};
 
+mod failover;
+
+pub use failover::failover;
+
 /// A request as a client would send it.
 #[derive(Debug, Clone, Default)]
 pub struct ExplainRequest {
@@ -18,8 +22,13 @@ pub struct ExplainRequest {
     pub headers: Vec<(String, Vec<u8>)>,
     /// Evaluation time (Unix ms) for schedules.
     pub now_ms: u64,
-    /// Request body, for body routing.
+    /// Request body, for body routing and the failover replay buffer.
     pub body: Option<Vec<u8>>,
+    /// HTTP method; `None`: POST with a body or on an OIP infer path, else
+    /// GET.
+    pub method: Option<String>,
+    /// Cloud names to treat as unhealthy (failover).
+    pub down: Vec<String>,
 }
 
 impl ExplainRequest {

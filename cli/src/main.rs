@@ -21,16 +21,20 @@ USAGE:
       sidecars (versions 1 and 2 of the example models).
   infermesh validate [--filter NAME] PATH...
       Check pluginConfig files (*.json; the filter is taken from the file
-      name, e.g. canary.json, or --filter) and the pluginConfig of every
-      WasmPlugin in YAML manifests or directories of them, with the
-      filters' own parsers. Exit 1 if any is invalid.
+      name, e.g. canary.json or failover-eu.json, or --filter) and the
+      pluginConfig of every WasmPlugin in YAML manifests or directories of
+      them, with the filters' own parsers. Exit 1 if any is invalid.
   infermesh explain --config FILE [--filter NAME] --path PATH
-                    [-H 'name: value']... [--body JSON | --body-file FILE]
-                    [--at RFC3339 | --at-ms MS]
+                    [-X METHOD] [-H 'name: value']...
+                    [--body JSON | --body-file FILE]
+                    [--at RFC3339 | --at-ms MS] [--down CLOUD[,CLOUD]...]
       Print the decision the filter would take for that request
-      (--body for model-router body routing, --at for canary schedules).
+      (--body for model-router body routing and the failover replay
+      buffer, --at for canary schedules, --down for failover: clouds to
+      treat as unhealthy). The method defaults to POST with a body or on
+      an OIP infer path, else GET.
 
-FILTERS: canary, model-router
+FILTERS (in the order they run): model-router, canary, failover
 ";
 
 fn main() -> ExitCode {
@@ -57,7 +61,7 @@ fn main() -> ExitCode {
 
 fn filter_arg(name: &str) -> Result<Filter, String> {
     Filter::from_name(name)
-        .ok_or_else(|| format!("unknown filter {name:?} (known: canary, model-router)"))
+        .ok_or_else(|| format!("unknown filter {name:?} (known: {})", Filter::names()))
 }
 
 fn run_validate(args: &[String]) -> Result<ExitCode, String> {
@@ -107,6 +111,14 @@ fn run_explain(args: &[String]) -> Result<ExitCode, String> {
             "--config" => config = Some(PathBuf::from(value()?)),
             "--filter" => filter = Some(filter_arg(value()?)?),
             "--path" => req.path = value()?.clone(),
+            "-X" | "--method" => req.method = Some(value()?.clone()),
+            "--down" => req.down.extend(
+                value()?
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|c| !c.is_empty())
+                    .map(str::to_owned),
+            ),
             "-H" | "--header" => {
                 let h = value()?;
                 let (k, v) = h
@@ -140,7 +152,7 @@ fn run_explain(args: &[String]) -> Result<ExitCode, String> {
     let config = config.ok_or("explain needs --config FILE")?;
     let stem = config.file_stem().and_then(|s| s.to_str()).unwrap_or("");
     let filter = filter
-        .or_else(|| Filter::from_name(stem))
+        .or_else(|| Filter::from_file_stem(stem))
         .ok_or("cannot tell the filter from the file name: pass --filter")?;
     if req.path.is_empty() {
         return Err("explain needs --path".into());
@@ -162,6 +174,11 @@ fn run_explain(args: &[String]) -> Result<ExitCode, String> {
             let cfg = filter_core::config::router::parse(&bytes)
                 .map_err(|e| format!("{}: invalid pluginConfig: {e}", config.display()))?;
             print!("{}", explain::router(&cfg, &req));
+        }
+        Filter::Failover => {
+            let cfg = filter_core::config::failover::parse(&bytes)
+                .map_err(|e| format!("{}: invalid pluginConfig: {e}", config.display()))?;
+            print!("{}", explain::failover(&cfg, &req)?);
         }
     }
     Ok(ExitCode::SUCCESS)

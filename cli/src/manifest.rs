@@ -11,15 +11,18 @@ use yaml_rust2::{Yaml, YamlLoader};
 pub enum Filter {
     Canary,
     ModelRouter,
+    Failover,
 }
 
 impl Filter {
-    pub const ALL: [Filter; 2] = [Filter::Canary, Filter::ModelRouter];
+    /// In the order the filters run in a request's chain.
+    pub const ALL: [Filter; 3] = [Filter::ModelRouter, Filter::Canary, Filter::Failover];
 
     pub fn name(self) -> &'static str {
         match self {
             Filter::Canary => "canary",
             Filter::ModelRouter => "model-router",
+            Filter::Failover => "failover",
         }
     }
 
@@ -27,11 +30,27 @@ impl Filter {
         Self::ALL.into_iter().find(|f| f.name() == name)
     }
 
+    /// The filter a config file is for, from its name without extension:
+    /// the filter's name (`failover`) or that name followed by `-`, `_` or
+    /// `.` and anything (`failover-eu`, `canary.staging`).
+    pub fn from_file_stem(stem: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|f| {
+            stem.strip_prefix(f.name())
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with(['-', '_', '.']))
+        })
+    }
+
+    /// The known filter names, comma-separated, for messages.
+    pub fn names() -> String {
+        Self::ALL.map(Filter::name).join(", ")
+    }
+
     /// Parses a pluginConfig with the filter's own parser.
     pub fn check(self, config: &[u8]) -> Result<(), filter_core::ConfigError> {
         match self {
             Filter::Canary => filter_core::config::canary::parse(config).map(drop),
             Filter::ModelRouter => filter_core::config::router::parse(config).map(drop),
+            Filter::Failover => filter_core::config::failover::parse(config).map(drop),
         }
     }
 }

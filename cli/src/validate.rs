@@ -21,7 +21,8 @@ impl Finding {
 }
 
 /// Checks a path: a `.json` pluginConfig (the filter comes from `filter`,
-/// or from the file name, e.g. `canary.json`), a YAML manifest, or a
+/// or from the file name, e.g. `canary.json`, `failover-eu.json`; see
+/// [`Filter::from_file_stem`]), a YAML manifest, or a
 /// directory of manifests.
 pub fn check_path(path: &Path, filter: Option<Filter>) -> Vec<Finding> {
     let shown = path.display().to_string();
@@ -35,11 +36,14 @@ pub fn check_path(path: &Path, filter: Option<Filter>) -> Vec<Finding> {
         Some("yaml" | "yml") => check_manifest(path),
         _ => {
             let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
-            let Some(filter) = filter.or_else(|| Filter::from_name(stem)) else {
+            let Some(filter) = filter.or_else(|| Filter::from_file_stem(stem)) else {
                 return vec![failure(
                     shown,
                     None,
-                    format!("cannot tell which filter {stem:?} configures: pass --filter (canary, model-router)"),
+                    format!(
+                        "cannot tell which filter {stem:?} configures: pass --filter ({})",
+                        Filter::names()
+                    ),
                 )];
             };
             match std::fs::read(path) {
@@ -89,7 +93,7 @@ fn check_manifest(path: &Path) -> Vec<Finding> {
                     None,
                     format!(
                         "label app.kubernetes.io/component is {component:?}; expected one of: {}",
-                        Filter::ALL.map(Filter::name).join(", ")
+                        Filter::names()
                     ),
                 ),
             }

@@ -19,7 +19,7 @@ fn validate_reports_each_config_and_fails_on_a_bad_one() {
     let ok = run(&["validate", "istio", "examples/config/canary.json"]);
     assert!(ok.status.success(), "{}", stdout(&ok));
     assert!(
-        stdout(&ok).contains("validate: 4 passed, 0 failed"),
+        stdout(&ok).contains("validate: 5 passed, 0 failed"),
         "{}",
         stdout(&ok)
     );
@@ -177,4 +177,238 @@ fn explain_router_names_sources_aliases_and_rejections() {
         ),
         "{unknown}"
     );
+}
+
+const FAILOVER: &str = "examples/config/failover.json";
+
+fn explain_failover(extra: &[&str]) -> (Option<i32>, String) {
+    let mut args = vec!["explain", "--config", FAILOVER];
+    args.extend_from_slice(extra);
+    let out = run(&args);
+    let text = stdout(&out) + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code(), text)
+}
+
+#[test]
+fn validate_checks_failover_configs_by_file_name_or_flag() {
+    let ok = run(&["validate", FAILOVER]);
+    assert!(ok.status.success(), "{}", stdout(&ok));
+    assert!(
+        stdout(&ok).contains("ok    examples/config/failover.json (failover)"),
+        "{}",
+        stdout(&ok)
+    );
+
+    let dir = std::env::temp_dir().join(format!("infermesh-cli-failover-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // A residency tag no cloud carries would silently allow nothing.
+    let text = std::fs::read_to_string(format!("../{FAILOVER}")).unwrap();
+    let broken = text.replacen(r#""default": ["eu"]"#, r#""default": ["apac"]"#, 1);
+    assert_ne!(broken, text, "the example changed shape; update this test");
+    let by_name = dir.join("failover-eu.json");
+    std::fs::write(&by_name, &broken).unwrap();
+    let by_flag = dir.join("clouds.json");
+    std::fs::write(&by_flag, &broken).unwrap();
+    let named = run(&["validate", by_name.to_str().unwrap()]);
+    let flagged = run(&[
+        "validate",
+        "--filter",
+        "failover",
+        by_flag.to_str().unwrap(),
+    ]);
+    let unnamed = run(&["validate", by_flag.to_str().unwrap()]);
+    std::fs::remove_dir_all(&dir).ok();
+    for out in [&named, &flagged] {
+        assert_eq!(out.status.code(), Some(1), "{}", stdout(out));
+        assert!(
+            stdout(out).contains(r#"residency.default[0]: no cloud carries tag "apac""#),
+            "{}",
+            stdout(out)
+        );
+    }
+    assert_eq!(unnamed.status.code(), Some(1));
+    assert!(
+        stdout(&unnamed).contains("pass --filter (model-router, canary, failover)"),
+        "{}",
+        stdout(&unnamed)
+    );
+}
+
+#[test]
+fn explain_failover_answers_503_when_the_residency_clouds_are_down() {
+    let (code, text) = explain_failover(&[
+        "--path",
+        "/v2/models/digits-mlp/infer",
+        "-H",
+        "x-data-residency: eu",
+        "--down",
+        "aws-eu,gcp-eu",
+    ]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains(r#"residency: x-data-residency="eu" -> rules.eu: tags ["eu"]"#),
+        "{text}"
+    );
+    assert!(text.contains("allowed:   aws-eu, gcp-eu "), "{text}");
+    assert!(
+        text.contains(
+            r#"decision:  503 from the filter (none_healthy): {"error":"no healthy cloud can serve model \"digits-mlp\": 2 cloud(s) allowed under residency x-data-residency=\"eu\" (tags [\"eu\"]), none healthy","model":"digits-mlp","residency":{"header":"x-data-residency","tags":["eu"],"value":"eu"}}"#
+        ),
+        "{text}"
+    );
+    // The US cloud is healthy but not allowed: no pick, no replay to it.
+    assert!(!text.contains("pick:"), "{text}");
+    assert!(!text.contains("azure-us"), "{text}");
+
+    // One EU cloud left: it is picked, and nothing is left to replay to.
+    let (_, one) = explain_failover(&[
+        "--path",
+        "/v2/models/digits-mlp/infer",
+        "-H",
+        "x-data-residency: eu",
+        "--down",
+        "aws-eu",
+    ]);
+    assert!(
+        one.contains("sets:      x-infermesh-cloud: gcp-eu"),
+        "{one}"
+    );
+    assert!(
+        one.contains("replay to: none (then give up: no_cloud_left)"),
+        "{one}"
+    );
+}
+
+#[test]
+fn explain_failover_picks_by_residency_priority_and_cost() {
+    let (_, us) = explain_failover(&[
+        "--path",
+        "/v2/models/digits-mlp/infer",
+        "-H",
+        "X-Data-Residency: US",
+    ]);
+    assert!(
+        us.contains(r#"residency: x-data-residency="US" -> rules.us: tags ["us"]"#),
+        "{us}"
+    );
+    assert!(us.contains("allowed:   azure-us "), "{us}");
+    assert!(
+        us.contains("sets:      x-infermesh-cloud: azure-us"),
+        "{us}"
+    );
+    assert!(
+        us.contains("response:  x-infermesh-served-by: ...@azure-us"),
+        "{us}"
+    );
+
+    // global: every cloud; aws-eu and gcp-eu share priority 0 and the
+    // cheaper one goes first; azure-us (priority 1) last despite its cost.
+    let (_, global) = explain_failover(&[
+        "--path",
+        "/v2/models/digits-mlp/infer",
+        "-H",
+        "x-data-residency: global",
+        "-H",
+        "x-infermesh-cloud: azure-us",
+    ]);
+    assert!(
+        global.contains("allowed:   aws-eu, gcp-eu, azure-us "),
+        "{global}"
+    );
+    assert!(global.contains("stripped:  x-infermesh-cloud"), "{global}");
+    assert!(
+        global.contains("sets:      x-infermesh-cloud: aws-eu"),
+        "{global}"
+    );
+    assert!(
+        global.contains("replay to: gcp-eu -> azure-us (then give up: attempts_exhausted)"),
+        "{global}"
+    );
+    assert!(
+        global.contains(
+            "hedge:     if no answer within 50ms (fixed, hedge.models.digits-mlp): also to gcp-eu"
+        ),
+        "{global}"
+    );
+
+    // No header: the default (eu) applies.
+    let (_, none) = explain_failover(&["--path", "/v2/models/digits-mlp/versions/2/ready"]);
+    assert!(
+        none.contains(r#"residency: no x-data-residency header -> default: tags ["eu"]"#),
+        "{none}"
+    );
+    assert!(none.contains("request:   GET "), "{none}");
+    assert!(
+        none.contains("hedge:     off: only idempotent OIP infer requests"),
+        "{none}"
+    );
+}
+
+#[test]
+fn explain_failover_rejects_unknown_residency_values() {
+    let (code, text) = explain_failover(&[
+        "--path",
+        "/v2/models/digits-mlp/infer",
+        "-H",
+        "x-data-residency: mars",
+    ]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains(r#"x-data-residency="mars" matches no rule; on_unknown: reject -> no cloud"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            r#"decision:  503 from the filter (none_allowed): {"error":"no cloud may serve model \"digits-mlp\" under residency x-data-residency=\"mars\", which no rule lists","model":"digits-mlp","residency":{"header":"x-data-residency","tags":[],"value":"mars"}}"#
+        ),
+        "{text}"
+    );
+}
+
+#[test]
+fn explain_failover_limits_replay_of_non_idempotent_and_large_requests() {
+    let (_, post) = explain_failover(&[
+        "--path",
+        "/predict",
+        "-X",
+        "POST",
+        "-H",
+        "x-data-residency: global",
+    ]);
+    assert!(post.contains("replay:    not idempotent"), "{post}");
+    assert!(
+        post.contains("after a reset, timeout or 5xx: none (not_idempotent)"),
+        "{post}"
+    );
+    // Still replayed when the first cloud was never reached.
+    assert!(post.contains("replay to: gcp-eu -> azure-us"), "{post}");
+
+    let dir = std::env::temp_dir().join(format!("infermesh-cli-body-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let body = dir.join("body.json");
+    std::fs::write(&body, vec![b' '; 262_145]).unwrap();
+    let (_, big) = explain_failover(&[
+        "--path",
+        "/v2/models/digits-mlp/infer",
+        "--body-file",
+        body.to_str().unwrap(),
+    ]);
+    std::fs::remove_dir_all(&dir).ok();
+    assert!(
+        big.contains("body:      262145 bytes, over replay.max_body_bytes 262144"),
+        "{big}"
+    );
+    assert!(
+        big.contains("replay to: none (then give up: body_not_buffered)"),
+        "{big}"
+    );
+
+    let (code, err) = explain_failover(&[
+        "--path",
+        "/v2/models/digits-mlp/infer",
+        "--down",
+        "aws-west",
+    ]);
+    assert_eq!(code, Some(64), "{err}");
+    assert!(err.contains(r#"--down: unknown cloud "aws-west""#), "{err}");
 }
