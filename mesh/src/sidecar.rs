@@ -1,7 +1,9 @@
 //! A real `infermesh-sidecar` process serving a model repository on
-//! loopback: started, polled until ready, killed on drop.
+//! loopback: started, polled until ready, killed on drop. Fault controls
+//! (stop, continue, kill, restart on the same address) let benchmarks and
+//! tests stand a hung or dead cloud in for a real one.
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -18,6 +20,8 @@ pub struct Sidecar {
     pub addr: SocketAddr,
     child: Child,
     log_path: PathBuf,
+    bin: PathBuf,
+    repo: PathBuf,
 }
 
 impl Sidecar {
@@ -31,58 +35,103 @@ impl Sidecar {
         ip: [u8; 4],
         log_dir: &Path,
     ) -> Result<Sidecar, String> {
+        Sidecar::start_on(bin, name, repo, SocketAddr::from((ip, 0)), log_dir).await
+    }
+
+    /// Like [`Sidecar::start`] but listens on `addr`; a port of 0 lets the
+    /// kernel pick one.
+    pub async fn start_on(
+        bin: &Path,
+        name: &str,
+        repo: &Path,
+        addr: SocketAddr,
+        log_dir: &Path,
+    ) -> Result<Sidecar, String> {
         let log_path = log_dir.join(format!("{name}.log"));
         let log = File::create(&log_path).map_err(|e| format!("{}: {e}", log_path.display()))?;
-        let log2 = log.try_clone().map_err(|e| e.to_string())?;
-        let listen = SocketAddr::from((ip, 0));
-        let child = Command::new(bin)
-            .arg("--model-repository")
-            .arg(repo)
-            .args([
-                "--listen",
-                &listen.to_string(),
-                "--log-format",
-                "json",
-                "--grace-period-ms",
-                "2000",
-            ])
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2)
-            .spawn()
-            .map_err(|e| format!("cannot run {}: {e}", bin.display()))?;
+        let child = spawn(bin, repo, addr, log)?;
         let mut sidecar = Sidecar {
             name: name.to_owned(),
-            addr: listen,
+            addr,
             child,
             log_path,
+            bin: bin.to_owned(),
+            repo: repo.to_owned(),
         };
+        sidecar.wait_ready().await?;
+        Ok(sidecar)
+    }
+
+    async fn wait_ready(&mut self) -> Result<(), String> {
+        let name = &self.name;
         let deadline = Instant::now() + READY_DEADLINE;
         while Instant::now() < deadline {
-            if let Ok(Some(status)) = sidecar.child.try_wait() {
+            if let Ok(Some(status)) = self.child.try_wait() {
                 return Err(format!(
                     "sidecar {name} exited with {status}: {}",
-                    sidecar.log()
+                    self.log()
                 ));
             }
-            if sidecar.addr.port() == 0 {
-                if let Some(addr) = listening_addr(&sidecar.log()) {
-                    sidecar.addr = addr;
+            if self.addr.port() == 0 {
+                if let Some(addr) = listening_addr(&self.log()) {
+                    self.addr = addr;
                 }
             } else {
-                let ready = Client::new(sidecar.addr)
+                let ready = Client::new(self.addr)
                     .try_send(Req::get("/v2/health/ready"))
                     .await;
                 if ready.is_ok_and(|r| r.status == 200) {
-                    return Ok(sidecar);
+                    return Ok(());
                 }
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         Err(format!(
             "sidecar {name} not ready within {READY_DEADLINE:?}: {}",
-            sidecar.log()
+            self.log()
         ))
+    }
+
+    /// The process id of the current process.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Freezes the process (SIGSTOP): the kernel still accepts connections
+    /// on its socket, but nothing answers, like a hung server.
+    pub fn stop(&self) -> Result<(), String> {
+        self.signal("STOP")
+    }
+
+    /// Resumes a stopped process (SIGCONT).
+    pub fn cont(&self) -> Result<(), String> {
+        self.signal("CONT")
+    }
+
+    fn signal(&self, sig: &str) -> Result<(), String> {
+        let pid = self.pid().to_string();
+        let status = Command::new("kill")
+            .args([&format!("-{sig}"), &pid])
+            .status()
+            .map_err(|e| format!("cannot run kill -{sig} {pid}: {e}"))?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(format!("kill -{sig} {pid} failed with {status}"))
+        }
+    }
+
+    /// Kills the process if it still runs and starts a new one on the same
+    /// address (the port learned at the first start), appending to the
+    /// same log; waits until it is ready.
+    pub async fn restart(&mut self) -> Result<(), String> {
+        self.kill();
+        let log = OpenOptions::new()
+            .append(true)
+            .open(&self.log_path)
+            .map_err(|e| format!("{}: {e}", self.log_path.display()))?;
+        self.child = spawn(&self.bin, &self.repo, self.addr, log)?;
+        self.wait_ready().await
     }
 
     /// The sidecar's log so far.
@@ -101,6 +150,27 @@ impl Drop for Sidecar {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Runs the sidecar on `listen` with its stdout and stderr into `log`.
+fn spawn(bin: &Path, repo: &Path, listen: SocketAddr, log: File) -> Result<Child, String> {
+    let log2 = log.try_clone().map_err(|e| e.to_string())?;
+    Command::new(bin)
+        .arg("--model-repository")
+        .arg(repo)
+        .args([
+            "--listen",
+            &listen.to_string(),
+            "--log-format",
+            "json",
+            "--grace-period-ms",
+            "2000",
+        ])
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log2)
+        .spawn()
+        .map_err(|e| format!("cannot run {}: {e}", bin.display()))
 }
 
 /// The address in the sidecar's JSON `listening` log line.
