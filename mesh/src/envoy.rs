@@ -60,6 +60,13 @@ impl Envoy {
     /// plugin) and waits until the admin API says ready and the listener
     /// accepts connections, or the process exits, or [`START_DEADLINE`].
     pub async fn try_start(bootstrap: &Bootstrap) -> Result<Envoy, StartFailure> {
+        Envoy::try_start_json(&bootstrap.to_json()).await
+    }
+
+    /// Starts Envoy on any bootstrap JSON, as [`Envoy::try_start`] does.
+    /// The admin address must be on loopback and the listener to wait for
+    /// must be named `outbound`.
+    pub async fn try_start_json(bootstrap: &serde_json::Value) -> Result<Envoy, StartFailure> {
         let bin = crate::envoy_bin().unwrap_or_else(|| {
             panic!("no Envoy binary: call require_envoy! at the top of the test")
         });
@@ -68,7 +75,7 @@ impl Envoy {
             .tempdir()
             .unwrap_or_else(|e| panic!("cannot create a temp dir: {e}"));
         let config = dir.path().join("envoy.json");
-        let text = serde_json::to_string_pretty(&bootstrap.to_json())
+        let text = serde_json::to_string_pretty(bootstrap)
             .unwrap_or_else(|e| panic!("cannot serialise the bootstrap: {e}"));
         std::fs::write(&config, text)
             .unwrap_or_else(|e| panic!("cannot write {}: {e}", config.display()));
