@@ -16,6 +16,8 @@
 pub mod bootstrap;
 pub mod client;
 pub mod envoy;
+pub mod load;
+pub mod native;
 pub mod sidecar;
 pub mod stats;
 pub mod upstream;
