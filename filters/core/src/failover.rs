@@ -67,6 +67,37 @@ impl Failure {
     pub fn from_status(status: u16) -> Option<Failure> {
         (500..=599).contains(&status).then_some(Failure::Status5xx)
     }
+
+    /// Classifies a 5xx response from Envoy's `response.code_details`:
+    /// `via_upstream` is the upstream's own 5xx; Envoy's own answers name
+    /// what went wrong (`upstream_reset_before_response_started{
+    /// remote_connection_failure,…}`, `upstream_response_timeout`,
+    /// `no_healthy_upstream`, `cluster_not_found`, …). Unknown details
+    /// count as a 5xx that may have reached the upstream, the cautious
+    /// reading for non-idempotent requests.
+    pub fn from_details(details: &[u8]) -> Failure {
+        let has = |needle: &[u8]| details.windows(needle.len()).any(|w| w == needle);
+        if details == b"via_upstream" {
+            Failure::Status5xx
+        } else if has(b"connection_failure")
+            || has(b"connection_refused")
+            || has(b"Connection_refused")
+            || has(b"connect_timeout")
+            || has(b"no_healthy_upstream")
+            || has(b"cluster_not_found")
+            || has(b"route_not_found")
+            || has(b"overflow")
+            || has(b"maintenance_mode")
+        {
+            Failure::ConnectFailure
+        } else if has(b"timeout") {
+            Failure::Timeout
+        } else if has(b"reset") || has(b"terminated") {
+            Failure::Reset
+        } else {
+            Failure::Status5xx
+        }
+    }
 }
 
 /// How a request ended; also a metric tag.
@@ -282,6 +313,50 @@ pub fn no_cloud_body(
         },
     });
     serde_json::to_vec(&body).unwrap_or_else(|_| br#"{"error":"no cloud available"}"#.to_vec())
+}
+
+/// The filter's own answer when no try succeeded and no upstream failure
+/// response is held to pass on (a try timed out, or the total deadline
+/// passed): `504` for the deadline or when every try timed out, else
+/// `503`, with an OIP-style JSON body naming the model and every try:
+/// `{"error": "...", "model": ..., "tries": [{"cloud": ..., "failure": ...}]}`.
+pub fn give_up_response(
+    cfg: &FailoverConfig,
+    model: Option<&str>,
+    tries: &[(usize, Failure)],
+    reason: attempts::GiveUp,
+) -> (u32, Vec<u8>) {
+    let timed_out = !tries.is_empty() && tries.iter().all(|(_, f)| *f == Failure::Timeout);
+    let status = if reason == attempts::GiveUp::Deadline || timed_out {
+        504
+    } else {
+        503
+    };
+    let listed: Vec<String> = tries
+        .iter()
+        .map(|(c, f)| format!("{} ({})", cfg.cloud_name(*c), f.as_str()))
+        .collect();
+    let what = match model {
+        Some(m) => format!("model {m:?}"),
+        None => "this request".to_owned(),
+    };
+    let message = format!(
+        "no cloud answered {what}: tried {}; gave up: {}",
+        if listed.is_empty() {
+            "none".to_owned()
+        } else {
+            listed.join(", ")
+        },
+        reason.as_str()
+    );
+    let tries: Vec<serde_json::Value> = tries
+        .iter()
+        .map(|(c, f)| serde_json::json!({"cloud": cfg.cloud_name(*c), "failure": f.as_str()}))
+        .collect();
+    let body = serde_json::json!({"error": message, "model": model, "tries": tries});
+    let bytes =
+        serde_json::to_vec(&body).unwrap_or_else(|_| br#"{"error":"no cloud answered"}"#.to_vec());
+    (status, bytes)
 }
 
 #[cfg(test)]

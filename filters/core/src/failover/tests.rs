@@ -242,3 +242,63 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn envoy_details_classify_failures() {
+    let cases: &[(&str, Failure)] = &[
+        ("via_upstream", Failure::Status5xx),
+        (
+            "upstream_reset_before_response_started{remote_connection_failure,delayed_connect_error:_Connection_refused}",
+            Failure::ConnectFailure,
+        ),
+        ("upstream_reset_before_response_started{connection_failure}", Failure::ConnectFailure),
+        ("no_healthy_upstream", Failure::ConnectFailure),
+        ("cluster_not_found", Failure::ConnectFailure),
+        ("upstream_reset_before_response_started{overflow}", Failure::ConnectFailure),
+        ("upstream_response_timeout", Failure::Timeout),
+        ("upstream_per_try_timeout", Failure::Timeout),
+        ("upstream_reset_before_response_started{connection_termination}", Failure::Reset),
+        ("upstream_reset_after_response_started{remote_reset}", Failure::Reset),
+        ("", Failure::Status5xx),
+        ("something_new", Failure::Status5xx),
+    ];
+    for (details, want) in cases {
+        assert_eq!(
+            Failure::from_details(details.as_bytes()),
+            *want,
+            "{details}"
+        );
+    }
+    assert!(!Failure::ConnectFailure.reached_upstream());
+    assert!(Failure::Reset.reached_upstream());
+}
+
+#[test]
+fn give_up_response_names_every_try() {
+    let c = cfg("reject");
+    let (status, body) = give_up_response(
+        &c,
+        Some("digits"),
+        &[(0, Failure::Timeout), (1, Failure::Status5xx)],
+        attempts::GiveUp::NoCloudLeft,
+    );
+    assert_eq!(status, 503);
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        v["error"],
+        "no cloud answered model \"digits\": tried eu-a (timeout), eu-b (status_5xx); gave up: no_cloud_left"
+    );
+    assert_eq!(v["tries"][1]["cloud"], "eu-b");
+    assert_eq!(v["tries"][1]["failure"], "status_5xx");
+    let (status, _) = give_up_response(
+        &c,
+        None,
+        &[(2, Failure::Timeout)],
+        attempts::GiveUp::NoCloudLeft,
+    );
+    assert_eq!(status, 504, "every try timed out");
+    let (status, body) = give_up_response(&c, None, &[], attempts::GiveUp::Deadline);
+    assert_eq!(status, 504);
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["model"], serde_json::Value::Null);
+}
