@@ -243,13 +243,13 @@ impl Bootstrap {
                         "prefix": "/",
                         "headers": [{"name": r.header, "string_match": {"exact": r.value}}],
                     },
-                    "route": {"cluster": r.cluster},
+                    "route": istio_route_action(&r.cluster),
                 })
             })
             .collect();
         if let Some(c) = &self.default_cluster {
             routes.push(
-                json!({"name": "default", "match": {"prefix": "/"}, "route": {"cluster": c}}),
+                json!({"name": "default", "match": {"prefix": "/"}, "route": istio_route_action(c)}),
             );
         }
 
@@ -308,6 +308,27 @@ impl Bootstrap {
             },
         })
     }
+}
+
+/// A route action as Istio writes it for a VirtualService route without
+/// timeout or retry settings: no route timeout, and Istio's default retry
+/// policy (two retries on connect failure, refused stream, `unavailable`,
+/// `cancelled` and 503, on other hosts when there are any).
+fn istio_route_action(cluster: &str) -> Value {
+    json!({
+        "cluster": cluster,
+        "timeout": "0s",
+        "retry_policy": {
+            "retry_on": "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes",
+            "num_retries": 2,
+            "retry_host_predicate": [{
+                "name": "envoy.retry_host_predicates.previous_hosts",
+                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"},
+            }],
+            "host_selection_retry_max_attempts": "5",
+            "retriable_status_codes": [503],
+        },
+    })
 }
 
 /// A Lua filter running `code` (which must define `envoy_on_request`

@@ -4,9 +4,14 @@
 //! response headers [`UPSTREAM_HEADER`] (its name) and
 //! [`SAW_VERSION_HEADER`] (the `x-infermesh-version` it received, or `-`),
 //! so a test can check per request where Envoy sent it and what it carried.
+//!
+//! A [`Mode`] turns it into a failing cloud: answering 5xx, hanging
+//! without an answer, or resetting every connection; [`Upstream::kill`]
+//! stops it listening (connect refused). Requests are recorded in every
+//! mode.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -28,6 +33,47 @@ pub const SAW_VERSION_HEADER: &str = "x-upstream-saw-version";
 /// Headers accepted per request; above Envoy's limits so the upstream never
 /// is the one that rejects a large request.
 const MAX_HEADERS: usize = 1_000;
+
+/// How an upstream answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// `200` with the body and headers described above.
+    Ok,
+    /// This status (e.g. 503), same body and headers.
+    Status(u16),
+    /// Reads the request, never answers (a hung process).
+    Hang,
+    /// Reads the request, then closes the connection without an answer.
+    Reset,
+}
+
+#[derive(Debug, Default)]
+struct ModeCell {
+    kind: AtomicU8,
+    status: AtomicU16,
+}
+
+impl ModeCell {
+    fn set(&self, m: Mode) {
+        let (k, s) = match m {
+            Mode::Ok => (0, 200),
+            Mode::Status(s) => (1, s),
+            Mode::Hang => (2, 0),
+            Mode::Reset => (3, 0),
+        };
+        self.status.store(s, Ordering::SeqCst);
+        self.kind.store(k, Ordering::SeqCst);
+    }
+
+    fn get(&self) -> Mode {
+        match self.kind.load(Ordering::SeqCst) {
+            1 => Mode::Status(self.status.load(Ordering::SeqCst)),
+            2 => Mode::Hang,
+            3 => Mode::Reset,
+            _ => Mode::Ok,
+        }
+    }
+}
 
 /// One request as the upstream saw it.
 #[derive(Debug, Clone)]
@@ -62,6 +108,7 @@ pub struct Upstream {
     pub name: String,
     pub addr: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
+    mode: Arc<ModeCell>,
     stop: watch::Sender<bool>,
     task: Option<JoinHandle<()>>,
 }
@@ -69,17 +116,25 @@ pub struct Upstream {
 impl Upstream {
     /// Binds `127.0.0.1:0` and serves until killed.
     pub async fn start(name: &str) -> Upstream {
-        let listener = TcpListener::bind("127.0.0.1:0")
+        Upstream::start_on(name, SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
+    /// Binds `addr` (a loopback address; port 0 for an ephemeral one) and
+    /// serves until killed.
+    pub async fn start_on(name: &str, addr: SocketAddr) -> Upstream {
+        let listener = TcpListener::bind(addr)
             .await
-            .unwrap_or_else(|e| panic!("upstream {name}: cannot bind 127.0.0.1:0: {e}"));
+            .unwrap_or_else(|e| panic!("upstream {name}: cannot bind {addr}: {e}"));
         let addr = listener
             .local_addr()
             .unwrap_or_else(|e| panic!("upstream {name}: no local address: {e}"));
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let mode: Arc<ModeCell> = Arc::default();
         let (stop, mut stopped) = watch::channel(false);
         let task = tokio::spawn({
             let name = name.to_owned();
             let seen = seen.clone();
+            let mode = mode.clone();
             async move {
                 loop {
                     let accepted = tokio::select! {
@@ -89,9 +144,12 @@ impl Upstream {
                     let Ok((tcp, _)) = accepted else { continue };
                     let name = name.clone();
                     let seen = seen.clone();
+                    let mode = mode.clone();
                     let mut conn_stopped = stopped.clone();
                     tokio::spawn(async move {
-                        let svc = service_fn(move |req| handle(name.clone(), seen.clone(), req));
+                        let svc = service_fn(move |req| {
+                            handle(name.clone(), seen.clone(), mode.clone(), req)
+                        });
                         let mut builder = hyper::server::conn::http1::Builder::new();
                         builder.max_headers(MAX_HEADERS);
                         let conn = builder.serve_connection(TokioIo::new(tcp), svc);
@@ -107,9 +165,16 @@ impl Upstream {
             name: name.to_owned(),
             addr,
             seen,
+            mode,
             stop,
             task: Some(task),
         }
+    }
+
+    /// Changes how it answers from now on (requests already waiting in
+    /// `Hang` stay hung).
+    pub fn set_mode(&self, mode: Mode) {
+        self.mode.set(mode);
     }
 
     /// Requests received so far.
@@ -149,8 +214,9 @@ impl Drop for Upstream {
 async fn handle(
     name: String,
     seen: Arc<Mutex<Vec<Seen>>>,
+    mode: Arc<ModeCell>,
     req: Request<hyper::body::Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> Result<Response<Full<Bytes>>, std::io::Error> {
     let (parts, body) = req.into_parts();
     let body = body
         .collect()
@@ -170,9 +236,21 @@ async fn handle(
         body_digest: digest(&body),
     });
     let mut resp = Response::new(Full::new(Bytes::from(format!("upstream={name}\n"))));
+    match mode.get() {
+        Mode::Ok => {}
+        Mode::Status(s) => {
+            *resp.status_mut() = hyper::StatusCode::from_u16(s).unwrap_or_default();
+        }
+        Mode::Hang => std::future::pending::<()>().await,
+        Mode::Reset => {
+            // An error from the service makes hyper close the connection
+            // without a response.
+            return Err(std::io::Error::other("reset by test"));
+        }
+    }
     if let Ok(v) = HeaderValue::from_str(&name) {
         resp.headers_mut().insert(UPSTREAM_HEADER, v);
     }
     resp.headers_mut().insert(SAW_VERSION_HEADER, saw);
-    Ok(resp)
+    Ok::<_, std::io::Error>(resp)
 }

@@ -1,0 +1,582 @@
+//! The failover filter (`filter-failover`) in a real Envoy on V8 (two
+//! workers), routed like an Istio sidecar: a VirtualService-style match on
+//! `x-infermesh-cloud` to one cluster per cloud. Three stub upstreams on
+//! 127.0.0.2, .3 and .4 stand for the clouds; each can be made to answer
+//! 5xx, hang, reset or die. Each case asserts what an outsider sees: the
+//! status and body the client got, which cloud answered, what that cloud
+//! received, and Envoy's counters.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use e2e::upstream::{digest, Mode, UPSTREAM_HEADER};
+use e2e::{
+    assert_vm_healthy, require_envoy, Bootstrap, Envoy, Req, Resp, Stats, Upstream, WasmFilter,
+};
+use filter_core::headers::{CLOUD, SERVED_BY};
+use serde_json::json;
+
+const REQUESTS: &str = "infermesh_failover_requests_total";
+const TRIES: &str = "infermesh_failover_tries_total";
+const FAILURES: &str = "infermesh_failover_failures_total";
+const NO_CLOUD: &str = "infermesh_failover_no_cloud_total";
+const PROBES: &str = "infermesh_failover_probes_total";
+const TRANSITIONS: &str = "infermesh_failover_transitions_total";
+const GIVE_UPS: &str = "infermesh_failover_give_ups_total";
+const NOT_BUFFERED: &str = "infermesh_failover_not_buffered_total";
+
+const INFER: &str = "/v2/models/digits-mlp/infer";
+const PROBE_INTERVAL_MS: u64 = 200;
+
+/// aws and gcp in the eu, azure in the us; pick order aws, gcp, azure.
+fn config() -> serde_json::Value {
+    json!({
+        "clouds": [
+            {"name": "aws", "cluster": "cloud-aws", "tags": ["eu"], "priority": 0},
+            {"name": "gcp", "cluster": "cloud-gcp", "tags": ["eu"], "priority": 1},
+            {"name": "azure", "cluster": "cloud-azure", "tags": ["us"], "priority": 2}
+        ],
+        "residency": {
+            "header": "x-data-residency",
+            "rules": {"eu": ["eu"], "us": ["us"]},
+            "default": ["*"],
+            "on_unknown": "reject"
+        },
+        "health": {
+            "probe": {"interval_ms": PROBE_INTERVAL_MS, "timeout_ms": 100,
+                      "healthy_threshold": 3, "unhealthy_threshold": 2},
+            "passive": {"consecutive_failures": 3}
+        },
+        "replay": {"max_attempts": 3, "max_body_bytes": 65536,
+                   "per_try_timeout_ms": 1000, "total_deadline_ms": 3000},
+        "hedge": {"delay_ms": 50}
+    })
+}
+
+struct Rig {
+    envoy: Envoy,
+    clouds: Vec<Upstream>,
+}
+
+const NAMES: [&str; 3] = ["aws", "gcp", "azure"];
+
+impl Rig {
+    async fn start(config: serde_json::Value) -> Rig {
+        filter_core::config::failover::parse(config.to_string().as_bytes())
+            .expect("the test's failover config");
+        let mut clouds = Vec::new();
+        for (i, name) in NAMES.iter().enumerate() {
+            let ip = [127, 0, 0, 2 + i as u8];
+            clouds.push(Upstream::start_on(name, SocketAddr::from((ip, 0))).await);
+        }
+        let mut b = Bootstrap::new();
+        for up in &clouds {
+            let cluster = format!("cloud-{}", up.name);
+            b = b
+                .cluster(&cluster, up.addr)
+                .route_header(CLOUD, &up.name, &cluster);
+        }
+        b = b.default_route("cloud-aws").wasm(WasmFilter::new(
+            "infermesh-failover",
+            &e2e::wasm::build("filter-failover"),
+            config.to_string(),
+        ));
+        let envoy = Envoy::start(&b).await;
+        Rig { envoy, clouds }
+    }
+
+    fn cloud(&self, name: &str) -> &Upstream {
+        self.clouds
+            .iter()
+            .find(|u| u.name == name)
+            .unwrap_or_else(|| panic!("no cloud {name}"))
+    }
+
+    fn cloud_mut(&mut self, name: &str) -> &mut Upstream {
+        self.clouds
+            .iter_mut()
+            .find(|u| u.name == name)
+            .unwrap_or_else(|| panic!("no cloud {name}"))
+    }
+
+    /// Infer requests that are not probes, per cloud.
+    fn infers(&self, name: &str) -> usize {
+        self.cloud(name)
+            .seen()
+            .iter()
+            .filter(|s| s.path == INFER)
+            .count()
+    }
+
+    async fn send(&self, req: Req) -> Resp {
+        let client = self.envoy.client();
+        match tokio::time::timeout(Duration::from_secs(10), client.send(req)).await {
+            Ok(r) => r,
+            Err(_) => panic!(
+                "no answer within 10 s\n{}",
+                e2e::envoy::tail(&self.envoy.log(), 40)
+            ),
+        }
+    }
+
+    async fn stats(&self) -> Stats {
+        self.envoy.stats().await
+    }
+
+    /// Waits until Envoy's gauge says `cloud` is (not) healthy.
+    async fn wait_health(&self, cloud: &str, healthy: bool, within: Duration) -> Duration {
+        let t0 = Instant::now();
+        loop {
+            let v = self
+                .stats()
+                .await
+                .get("infermesh_failover_cloud_healthy", &[("cloud", cloud)]);
+            if v == Some(if healthy { 1.0 } else { 0.0 }) {
+                return t0.elapsed();
+            }
+            assert!(
+                t0.elapsed() < within,
+                "cloud {cloud} not {} within {within:?} (gauge {v:?})",
+                if healthy { "healthy" } else { "unhealthy" }
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn infer_body() -> Vec<u8> {
+    let data: Vec<f32> = (0..64).map(|i| i as f32 / 64.0).collect();
+    serde_json::to_vec(&json!({
+        "id": "req-7",
+        "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": data}]
+    }))
+    .unwrap_or_default()
+}
+
+fn infer(residency: Option<&str>) -> Req {
+    let r = Req::post(INFER, infer_body()).header("content-type", "application/json");
+    match residency {
+        Some(v) => r.header("x-data-residency", v),
+        None => r,
+    }
+}
+
+/// The filter's non-zero counters, for failure messages.
+fn dump(stats: &Stats) -> String {
+    [
+        REQUESTS,
+        TRIES,
+        FAILURES,
+        GIVE_UPS,
+        TRANSITIONS,
+        PROBES,
+        NO_CLOUD,
+    ]
+    .iter()
+    .flat_map(|n| stats.matching(n, &[]))
+    .filter(|s| s.value != 0.0)
+    .map(|s| format!("{}{:?} = {}", s.name, s.labels, s.value))
+    .collect::<Vec<_>>()
+    .join("\n")
+}
+
+fn answered_by(r: &Resp) -> String {
+    r.header(UPSTREAM_HEADER).unwrap_or_else(|| "-".to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn picks_by_priority_and_says_who_served() {
+    let _bin = require_envoy!("picks_by_priority_and_says_who_served");
+    let rig = Rig::start(config()).await;
+    let mut resps = Vec::new();
+    for residency in [None, Some("eu"), Some("us")] {
+        let r = rig
+            .send(
+                infer(residency)
+                    .header(CLOUD, "azure")
+                    .header("x-infermesh-version", "9"),
+            )
+            .await;
+        resps.push(r);
+    }
+    let want = ["aws", "aws", "azure"];
+    for (r, want) in resps.iter().zip(want) {
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(answered_by(r), want);
+        assert_eq!(
+            r.header(SERVED_BY).as_deref(),
+            Some(format!("@{want}").as_str())
+        );
+        assert_eq!(r.header("x-infermesh-failover"), None);
+    }
+    // What aws received: the filter's cloud header, not the client's, and
+    // no other spoofed x-infermesh-* header; the body intact.
+    let seen = rig.cloud("aws").seen();
+    let last = seen
+        .iter()
+        .rev()
+        .find(|s| s.path == INFER)
+        .expect("aws saw the request");
+    assert_eq!(last.header(CLOUD).as_deref(), Some("aws"));
+    assert_eq!(last.header("x-infermesh-version"), None);
+    assert_eq!(last.body_digest, digest(&infer_body()));
+    let stats = rig.stats().await;
+    assert_eq!(
+        stats.get(REQUESTS, &[("cloud", "aws"), ("outcome", "served")]),
+        Some(2.0)
+    );
+    assert_eq!(
+        stats.get(REQUESTS, &[("cloud", "azure"), ("outcome", "served")]),
+        Some(1.0)
+    );
+    assert_vm_healthy(&resps, &rig.envoy.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_5xx_is_replayed_to_the_next_cloud() {
+    let _bin = require_envoy!("a_5xx_is_replayed_to_the_next_cloud");
+    let rig = Rig::start(config()).await;
+    rig.cloud("aws").set_mode(Mode::Status(500));
+    let r = rig
+        .send(infer(Some("eu")).header("x-request-id", "abc-1"))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(answered_by(&r), "gcp");
+    assert_eq!(r.header(SERVED_BY).as_deref(), Some("@gcp"));
+    assert_eq!(
+        r.header("x-infermesh-failover").as_deref(),
+        Some("replayed")
+    );
+    assert_eq!(r.text(), "upstream=gcp\n");
+    // gcp got the same request: body, content type, request id, and its
+    // own cloud header.
+    let seen = rig.cloud("gcp").seen();
+    let got = seen
+        .iter()
+        .find(|s| s.path == INFER)
+        .expect("gcp saw the replay");
+    assert_eq!(got.method, "POST");
+    assert_eq!(got.body_digest, digest(&infer_body()));
+    assert_eq!(
+        got.header("content-type").as_deref(),
+        Some("application/json")
+    );
+    assert_eq!(got.header("x-request-id").as_deref(), Some("abc-1"));
+    assert_eq!(got.header(CLOUD).as_deref(), Some("gcp"));
+    assert_eq!(
+        rig.infers("aws"),
+        1,
+        "aws was tried once (500 is not retried by Envoy)"
+    );
+    let stats = rig.stats().await;
+    assert_eq!(
+        stats.get(REQUESTS, &[("cloud", "gcp"), ("outcome", "replayed")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        stats.get(TRIES, &[("cloud", "gcp"), ("decision", "replay")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        stats.get(FAILURES, &[("cloud", "aws"), ("failure", "status_5xx")]),
+        Some(1.0)
+    );
+    assert_vm_healthy(&[r], &rig.envoy.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_cloud_is_replayed_then_taken_out() {
+    let _bin = require_envoy!("a_dead_cloud_is_replayed_then_taken_out");
+    let mut rig = Rig::start(config()).await;
+    rig.cloud_mut("aws").kill();
+    let mut resps = Vec::new();
+    for _ in 0..20 {
+        resps.push(rig.send(infer(None)).await);
+    }
+    for r in &resps {
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(answered_by(r), "gcp");
+    }
+    let stats = rig.stats().await;
+    let replayed = stats.sum(REQUESTS, &[("cloud", "gcp"), ("outcome", "replayed")]);
+    let direct = stats.sum(REQUESTS, &[("cloud", "gcp"), ("outcome", "served")]);
+    // Istio's route retries connect failures with a backoff, so a first try
+    // can outlast the 50 ms hedge delay: then the hedge answers.
+    let hedged = stats.sum(REQUESTS, &[("cloud", "gcp"), ("outcome", "hedged")]);
+    assert_eq!(replayed + hedged + direct, 20.0, "{}", dump(&stats));
+    // Passive health: after 3 consecutive failures (per shared record; both
+    // workers feed it) aws is out, so later requests go to gcp directly.
+    assert!(
+        replayed + hedged <= 4.0,
+        "{} replays and hedges: aws was not taken out",
+        replayed + hedged
+    );
+    assert!(direct >= 16.0);
+    assert_eq!(
+        stats.sum(TRANSITIONS, &[("cloud", "aws"), ("outcome", "unhealthy")]),
+        1.0
+    );
+    assert!(
+        stats.sum(
+            FAILURES,
+            &[("cloud", "aws"), ("failure", "connect_failure")]
+        ) >= 3.0
+    );
+    rig.wait_health("aws", false, Duration::from_secs(1)).await;
+    assert_vm_healthy(&resps, &rig.envoy.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_cloud_is_hedged() {
+    let _bin = require_envoy!("a_hung_cloud_is_hedged");
+    let rig = Rig::start(config()).await;
+    rig.cloud("aws").set_mode(Mode::Hang);
+    let mut slowest = Duration::ZERO;
+    let mut resps = Vec::new();
+    for _ in 0..10 {
+        let t0 = Instant::now();
+        let r = rig.send(infer(None)).await;
+        slowest = slowest.max(t0.elapsed());
+        resps.push(r);
+    }
+    for r in &resps {
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(answered_by(r), "gcp");
+    }
+    let stats = rig.stats().await;
+    let hedged = stats.sum(REQUESTS, &[("cloud", "gcp"), ("outcome", "hedged")]);
+    assert!(hedged >= 1.0, "no request was hedged");
+    assert_eq!(
+        resps
+            .iter()
+            .filter(|r| r.header("x-infermesh-failover").as_deref() == Some("hedged"))
+            .count() as f64,
+        hedged
+    );
+    // 50 ms hedge delay + a 10 ms tick + the loopback answer; generous for
+    // a loaded machine, far below the 1 s try timeout.
+    assert!(slowest < Duration::from_millis(400), "slowest {slowest:?}");
+    assert_vm_healthy(&resps, &rig.envoy.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn residency_is_never_crossed() {
+    let _bin = require_envoy!("residency_is_never_crossed");
+    let rig = Rig::start(config()).await;
+    for up in ["aws", "gcp"] {
+        rig.cloud(up).set_mode(Mode::Status(503));
+    }
+    rig.wait_health("aws", false, Duration::from_secs(3)).await;
+    rig.wait_health("gcp", false, Duration::from_secs(3)).await;
+    let before = rig.infers("azure");
+    let t0 = Instant::now();
+    let r = rig.send(infer(Some("eu"))).await;
+    let took = t0.elapsed();
+    assert_eq!(r.status, 503);
+    assert_eq!(
+        r.header("content-type").as_deref(),
+        Some("application/json")
+    );
+    let body: serde_json::Value = serde_json::from_str(&r.text()).expect("JSON body");
+    assert_eq!(body["model"], "digits-mlp");
+    assert_eq!(body["residency"]["header"], "x-data-residency");
+    assert_eq!(body["residency"]["value"], "eu");
+    assert_eq!(body["residency"]["tags"], json!(["eu"]));
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("none healthy"),
+        "{body}"
+    );
+    assert!(took < Duration::from_millis(500), "{took:?}");
+    // A us request still goes to azure; an unknown value is rejected.
+    let us = rig.send(infer(Some("us"))).await;
+    assert_eq!(answered_by(&us), "azure");
+    let unknown = rig.send(infer(Some("mars"))).await;
+    assert_eq!(unknown.status, 503);
+    assert!(
+        unknown.text().contains("which no rule lists"),
+        "{}",
+        unknown.text()
+    );
+    assert_eq!(
+        rig.infers("azure"),
+        before + 1,
+        "only the us request reached azure"
+    );
+    let stats = rig.stats().await;
+    assert_eq!(
+        stats.get(NO_CLOUD, &[("reason", "none_healthy")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        stats.get(NO_CLOUD, &[("reason", "none_allowed")]),
+        Some(1.0)
+    );
+    assert_vm_healthy(&[r, us, unknown], &rig.envoy.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_clouds_down_answer_503_at_once() {
+    let _bin = require_envoy!("all_clouds_down_answer_503_at_once");
+    let mut rig = Rig::start(config()).await;
+    for name in NAMES {
+        rig.cloud_mut(name).kill();
+    }
+    for name in NAMES {
+        rig.wait_health(name, false, Duration::from_secs(3)).await;
+    }
+    let mut took = Vec::new();
+    let mut resps = Vec::new();
+    for _ in 0..200 {
+        let t0 = Instant::now();
+        let r = rig.send(infer(None)).await;
+        took.push(t0.elapsed());
+        resps.push(r);
+    }
+    took.sort();
+    let p99 = took[took.len() * 99 / 100];
+    for r in &resps {
+        assert_eq!(r.status, 503);
+        let body: serde_json::Value = serde_json::from_str(&r.text()).expect("JSON body");
+        assert_eq!(body["model"], "digits-mlp");
+    }
+    assert!(p99 < Duration::from_millis(50), "p99 {p99:?}");
+    assert_vm_healthy(&resps, &rig.envoy.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_returning_cloud_gets_traffic_back_once() {
+    let _bin = require_envoy!("a_returning_cloud_gets_traffic_back_once");
+    let rig = Rig::start(config()).await;
+    rig.cloud("aws").set_mode(Mode::Status(503));
+    rig.wait_health("aws", false, Duration::from_secs(3)).await;
+    let r = rig.send(infer(None)).await;
+    assert_eq!(answered_by(&r), "gcp");
+    rig.cloud("aws").set_mode(Mode::Ok);
+    let back = rig.wait_health("aws", true, Duration::from_secs(5)).await;
+    // healthy_threshold 3 rounds of 200 ms: not before ~400 ms.
+    assert!(
+        back >= Duration::from_millis(300),
+        "back after {back:?}: no hysteresis"
+    );
+    let r = rig.send(infer(None)).await;
+    assert_eq!(answered_by(&r), "aws");
+    // Probes alternate ok/failed faster than the thresholds: no flapping.
+    let stats = rig.stats().await;
+    assert_eq!(
+        stats.sum(TRANSITIONS, &[("cloud", "aws"), ("outcome", "healthy")]),
+        1.0
+    );
+    assert_eq!(
+        stats.sum(TRANSITIONS, &[("cloud", "aws"), ("outcome", "unhealthy")]),
+        1.0
+    );
+    assert!(stats.sum(PROBES, &[("cloud", "aws"), ("outcome", "failed")]) >= 2.0);
+    assert_vm_healthy(&[r], &rig.envoy.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_probe_per_interval_per_process() {
+    let _bin = require_envoy!("one_probe_per_interval_per_process");
+    let rig = Rig::start(config()).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let ready = |rig: &Rig| {
+        rig.cloud("gcp")
+            .seen()
+            .iter()
+            .filter(|s| s.path == "/v2/health/ready")
+            .count()
+    };
+    let a = ready(&rig);
+    let window = Duration::from_secs(3);
+    tokio::time::sleep(window).await;
+    let n = ready(&rig) - a;
+    let expected = window.as_millis() as f64 / PROBE_INTERVAL_MS as f64;
+    // Two workers tick independently; claiming through shared data keeps
+    // it at ~one round per interval (a tick is 50 ms, so a round starts up
+    // to 50 ms late: between 0.75× and 1.1× of the nominal count).
+    assert!(
+        (n as f64) >= expected * 0.75 && (n as f64) <= expected * 1.1,
+        "{n} probes in {window:?}, expected ~{expected}"
+    );
+    let seen = rig.cloud("gcp").seen();
+    let probe = seen
+        .iter()
+        .find(|s| s.path == "/v2/health/ready")
+        .expect("a probe");
+    assert_eq!(probe.method, "GET");
+    assert_eq!(
+        probe.header("user-agent").as_deref(),
+        Some("infermesh-failover-probe")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_must_not_be_replayed_is_not() {
+    let _bin = require_envoy!("what_must_not_be_replayed_is_not");
+    let rig = Rig::start(config()).await;
+    rig.cloud("aws").set_mode(Mode::Status(500));
+    // Not idempotent (a repository load), reached the upstream: the 500
+    // stands.
+    let load = rig
+        .send(Req::post(
+            "/v2/repository/models/digits-mlp/load",
+            b"{}".to_vec(),
+        ))
+        .await;
+    assert_eq!(load.status, 500);
+    assert_eq!(answered_by(&load), "aws");
+    assert_eq!(load.header(SERVED_BY).as_deref(), Some("@aws"));
+    // Over max_body_bytes: not buffered, so not replayed; the response
+    // says so.
+    let big = vec![b' '; 70_000];
+    let r = rig
+        .send(Req::post(INFER, big).header("content-type", "application/json"))
+        .await;
+    assert_eq!(r.status, 500);
+    assert_eq!(
+        r.header("x-infermesh-replay").as_deref(),
+        Some("off; body over max_body_bytes")
+    );
+    let stats = rig.stats().await;
+    assert_eq!(
+        stats.get(GIVE_UPS, &[("reason", "not_idempotent")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        stats.get(GIVE_UPS, &[("reason", "body_not_buffered")]),
+        Some(1.0)
+    );
+    assert_eq!(stats.get(NOT_BUFFERED, &[]), Some(1.0));
+    assert_eq!(rig.infers("gcp"), 0);
+    assert_vm_healthy(&[load, r], &rig.envoy.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_config_is_refused_naming_the_field() {
+    let _bin = require_envoy!("a_bad_config_is_refused_naming_the_field");
+    let mut cfg = config();
+    cfg["clouds"][1]["cluster"] = json!("cloud-aws");
+    let b = Bootstrap::new()
+        .cluster("cloud-aws", SocketAddr::from(([127, 0, 0, 2], 9)))
+        .default_route("cloud-aws")
+        .wasm(WasmFilter::new(
+            "infermesh-failover",
+            &e2e::wasm::build("filter-failover"),
+            cfg.to_string(),
+        ));
+    let failure = match Envoy::try_start(&b).await {
+        Ok(_) => panic!("Envoy started with a bad failover config"),
+        Err(f) => f,
+    };
+    assert!(
+        failure.log.contains(
+            "infermesh failover: invalid pluginConfig: clouds[1].cluster: \
+             cluster \"cloud-aws\" is already used by cloud \"aws\""
+        ),
+        "{}",
+        e2e::envoy::tail(&failure.log, 20)
+    );
+}
