@@ -33,9 +33,33 @@ pub fn is_owned(name: &str) -> bool {
             .all(|(a, b)| a.eq_ignore_ascii_case(b))
 }
 
+/// The `x-infermesh-served-by` value a filter that decided `mine`
+/// (`model/version`) should write over the response's current value
+/// `existing`, or `None` to leave it. Response filters run in reverse
+/// order, so failover writes `@cloud` first and canary or model-router
+/// completes it to `model/version@cloud`; a value that already names a
+/// version and a cloud (failover's own reply) stays.
+pub fn served_by(mine: &str, existing: Option<&[u8]>) -> Option<String> {
+    match existing {
+        Some(e) if e.first() == Some(&b'@') => {
+            Some(format!("{mine}{}", String::from_utf8_lossy(e)))
+        }
+        Some(e) if e.contains(&b'@') => None,
+        _ => Some(mine.to_owned()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn served_by_composes_version_and_cloud() {
+        assert_eq!(served_by("m/2", None).as_deref(), Some("m/2"));
+        assert_eq!(served_by("m/2", Some(b"@aws")).as_deref(), Some("m/2@aws"));
+        assert_eq!(served_by("m/2", Some(b"m/1")).as_deref(), Some("m/2"));
+        assert_eq!(served_by("m/2", Some(b"m/2@gcp")), None);
+    }
 
     #[test]
     fn owned_headers_are_recognised_case_insensitively() {

@@ -60,6 +60,35 @@ pub fn parse_path(path: &[u8]) -> Option<ModelPath> {
     })
 }
 
+/// The OIP path naming `version` explicitly, keeping the action and query;
+/// `None` when the path already says exactly that, or when the model or
+/// version holds a character that would need percent-encoding (config
+/// names never do; such a path is left as it is).
+pub fn with_version(original: &[u8], p: &ModelPath, version: &str) -> Option<String> {
+    let plain = |s: &str| {
+        !s.is_empty()
+            && s
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    };
+    if !plain(&p.model) || !plain(version) {
+        return None;
+    }
+    let query = original
+        .iter()
+        .position(|&c| c == b'?')
+        .and_then(|i| original.get(i..))
+        .map(String::from_utf8_lossy)
+        .unwrap_or_default();
+    let action = match p.action {
+        Action::Metadata => "",
+        Action::Ready => "/ready",
+        Action::Infer => "/infer",
+    };
+    let new = format!("/v2/models/{}/versions/{version}{action}{query}", p.model);
+    (new.as_bytes() != original).then_some(new)
+}
+
 /// Percent-decodes one path segment into a name.
 pub fn decode_segment(seg: &[u8]) -> Option<String> {
     if seg.is_empty() || seg.len() > MAX_NAME * 3 {
@@ -99,6 +128,25 @@ fn hex(c: u8) -> Option<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn with_version_pins_plain_names_only() {
+        let p = |s: &str| parse_path(s.as_bytes()).unwrap();
+        let infer = "/v2/models/digits/infer?x=1";
+        assert_eq!(
+            with_version(infer.as_bytes(), &p(infer), "2").as_deref(),
+            Some("/v2/models/digits/versions/2/infer?x=1")
+        );
+        let pinned = "/v2/models/digits/versions/2/ready";
+        assert_eq!(with_version(pinned.as_bytes(), &p(pinned), "2"), None);
+        assert_eq!(
+            with_version(pinned.as_bytes(), &p(pinned), "3").as_deref(),
+            Some("/v2/models/digits/versions/3/ready")
+        );
+        let odd = "/v2/models/a%20b/infer";
+        assert_eq!(with_version(odd.as_bytes(), &p(odd), "2"), None);
+        assert_eq!(with_version(infer.as_bytes(), &p(infer), "2?"), None);
+    }
     use proptest::prelude::*;
 
     fn mp(model: &str, version: Option<&str>, action: Action) -> Option<ModelPath> {

@@ -15,7 +15,7 @@
 
 use crate::config::router::{RouterConfig, Unknown};
 use crate::jsonscan::{self, Found, ScanError};
-use crate::oip::{self, Action, ModelPath};
+use crate::oip;
 
 /// Where a name came from; also a metric tag.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -259,7 +259,7 @@ fn decide_with(
     let rewrite = match (&path, version) {
         (Some(p), Some(v)) if cfg.rewrite_path => {
             let concrete = model.versions.get(v).map_or("", String::as_str);
-            rewritten(req.path, p, concrete)
+            crate::oip::with_version(req.path, p, concrete)
         }
         _ => None,
     };
@@ -278,25 +278,6 @@ fn miss(policy: Unknown, miss: Miss, message: String) -> Decision {
     }
 }
 
-/// The OIP path naming `version` explicitly, keeping the action and query;
-/// `None` when the path already says exactly that.
-fn rewritten(original: &[u8], p: &ModelPath, version: &str) -> Option<String> {
-    let query = original
-        .iter()
-        .position(|&c| c == b'?')
-        .and_then(|i| original.get(i..))
-        .map(String::from_utf8_lossy)
-        .unwrap_or_default();
-    let action = match p.action {
-        Action::Metadata => "",
-        Action::Ready => "/ready",
-        Action::Infer => "/infer",
-    };
-    // Config names are restricted to [A-Za-z0-9._-], so they need no
-    // percent-encoding.
-    let new = format!("/v2/models/{}/versions/{version}{action}{query}", p.model);
-    (new.as_bytes() != original).then_some(new)
-}
 
 /// The OIP-style JSON error body for a rejection.
 pub fn error_body(message: &str) -> Vec<u8> {

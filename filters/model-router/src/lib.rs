@@ -212,7 +212,10 @@ impl HttpContext for RouterStream {
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         if let (Some((row, col)), Some(shared)) = (self.served_by.take(), self.shared.clone()) {
             if let Some(value) = shared.served_by.get(row).and_then(|r| r.get(col)) {
-                self.set_http_response_header(headers::SERVED_BY, Some(value));
+                let existing = self.get_http_response_header_bytes(headers::SERVED_BY);
+                if let Some(v) = headers::served_by(value, existing.as_deref()) {
+                    self.set_http_response_header(headers::SERVED_BY, Some(&v));
+                }
             }
         }
         Action::Continue
