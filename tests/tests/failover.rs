@@ -580,3 +580,120 @@ async fn a_bad_config_is_refused_naming_the_field() {
         e2e::envoy::tail(&failure.log, 20)
     );
 }
+
+/// The three filters in the SPEC's order (model-router, canary, failover)
+/// behind a Lua filter that computes the route before any of them runs.
+async fn chain_rig() -> Rig {
+    let router = json!({
+        "models": [{"name": "digits-mlp", "versions": ["1", "2"],
+                    "aliases": {"stable": "1", "canary": "2"}}]
+    });
+    let canary = json!({
+        "splits": [{"model": "digits-mlp", "versions": [
+            {"name": "1", "weight": 50}, {"name": "2", "weight": 50}]}],
+        "sticky_key": [{"header": "x-user-id"}],
+        "trust_downstream_headers": true
+    });
+    let mut failover = config();
+    failover["trust_downstream_headers"] = json!(true);
+    let lua = e2e::bootstrap::lua_filter(
+        r#"
+function envoy_on_request(h)
+  h:streamInfo():dynamicMetadata():set("e2e", "route", h:streamInfo():routeName())
+end
+function envoy_on_response(h)
+  local md = h:streamInfo():dynamicMetadata():get("e2e")
+  h:headers():add("x-route-seen-ahead", md and md["route"] or "none")
+end
+"#,
+    );
+    let mut clouds = Vec::new();
+    for (i, name) in NAMES.iter().enumerate() {
+        let ip = [127, 0, 0, 2 + i as u8];
+        clouds.push(Upstream::start_on(name, SocketAddr::from((ip, 0))).await);
+    }
+    let mut b = Bootstrap::new().filter_ahead(lua);
+    for up in &clouds {
+        let cluster = format!("cloud-{}", up.name);
+        b = b
+            .cluster(&cluster, up.addr)
+            .route_header(CLOUD, &up.name, &cluster);
+    }
+    b = b
+        .default_route("cloud-azure")
+        .wasm(WasmFilter::new(
+            "infermesh-model-router",
+            &e2e::wasm::build("filter-model-router"),
+            router.to_string(),
+        ))
+        .wasm(WasmFilter::new(
+            "infermesh-canary",
+            &e2e::wasm::build("filter-canary"),
+            canary.to_string(),
+        ))
+        .wasm(WasmFilter::new(
+            "infermesh-failover",
+            &e2e::wasm::build("filter-failover"),
+            failover.to_string(),
+        ));
+    let envoy = Envoy::start(&b).await;
+    Rig { envoy, clouds }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_router_and_canary_routing_follows_the_cloud_header() {
+    let _bin = require_envoy!("behind_router_and_canary_routing_follows_the_cloud_header");
+    let rig = chain_rig().await;
+    let mut resps = Vec::new();
+    for user in 0..40 {
+        let r = rig
+            .send(infer(Some("eu")).header("x-user-id", format!("user-{user}")))
+            .await;
+        resps.push(r);
+    }
+    for r in &resps {
+        assert_eq!(r.status, 200, "{}", r.text());
+        // The Lua filter ahead computed the default route (azure); the
+        // request still went where failover's header says.
+        assert_eq!(r.header("x-route-seen-ahead").as_deref(), Some("default"));
+        assert_eq!(answered_by(r), "aws");
+        let v = r.header("x-upstream-saw-version").expect("a version");
+        assert_eq!(
+            r.header(SERVED_BY),
+            Some(format!("digits-mlp/{v}@aws")),
+            "canary completes failover's served-by"
+        );
+    }
+    let versions: std::collections::BTreeSet<String> = resps
+        .iter()
+        .filter_map(|r| r.header("x-upstream-saw-version"))
+        .collect();
+    assert_eq!(versions.len(), 2, "40 users split over both versions");
+
+    // A replay carries the canary's version into the path, and the reply
+    // names version and cloud.
+    rig.cloud("aws").set_mode(Mode::Status(503));
+    let r = rig
+        .send(infer(Some("eu")).header("x-user-id", "user-7"))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(answered_by(&r), "gcp");
+    let v = r.header("x-upstream-saw-version").expect("a version");
+    assert_eq!(r.header(SERVED_BY), Some(format!("digits-mlp/{v}@gcp")));
+    let seen = rig.cloud("gcp").seen();
+    let got = seen
+        .iter()
+        .rev()
+        .find(|s| s.method == "POST")
+        .expect("gcp saw the replay");
+    assert_eq!(
+        got.path,
+        format!("/v2/models/digits-mlp/versions/{v}/infer")
+    );
+    assert_eq!(
+        got.header("x-infermesh-model").as_deref(),
+        Some("digits-mlp")
+    );
+    resps.push(r);
+    assert_vm_healthy(&resps, &rig.envoy.log());
+}

@@ -430,9 +430,14 @@ impl Shared {
         };
         let sent = {
             let fl = f.borrow();
+            let pinned = pinned_path(&fl);
             let mut hdrs: Vec<(&str, &str)> = Vec::with_capacity(fl.headers.len() + 2);
             for (name, value) in &fl.headers {
                 if NOT_FORWARDED.contains(&name.as_str()) {
+                    continue;
+                }
+                if let (":path", Some(p)) = (name.as_str(), pinned.as_deref()) {
+                    hdrs.push((":path", p));
                     continue;
                 }
                 // Callout headers are strings; a value that is not UTF-8
@@ -726,6 +731,17 @@ impl Shared {
             }
         }
     }
+}
+
+/// The request's OIP path with the version canary or model-router chose
+/// (`x-infermesh-version`) written into it, so a replay or hedge reaches
+/// that version on a cloud whose routing does not look at the header;
+/// `None` to send the path unchanged.
+fn pinned_path(fl: &Flight) -> Option<String> {
+    let version = std::str::from_utf8(fl.header(headers::VERSION)?).ok()?;
+    let path = fl.header(":path")?;
+    let parsed = oip::parse_path(path)?;
+    oip::with_version(path, &parsed, version)
 }
 
 /// `:status` of a header list.
