@@ -5,9 +5,10 @@
 //! when the Wasm filters run), optional extra filters, the Wasm filters,
 //! then the router. The route table matches exact header values like a
 //! VirtualService header match (`x-infermesh-version: 2` → cluster of subset
-//! `2`) and ends with a default route, like Istio's. One STATIC cluster per
-//! upstream on 127.0.0.1. Ports are 0: Envoy picks them, the harness asks
-//! the admin API which it picked.
+//! `2`; several headers must all match), may rewrite the path by regex like
+//! a VirtualService `rewrite.uriRegexRewrite`, and ends with a default
+//! route, like Istio's. One STATIC cluster per upstream on 127.0.0.1. Ports
+//! are 0: Envoy picks them, the harness asks the admin API which it picked.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -102,11 +103,86 @@ pub struct HeaderRoute {
     pub cluster: String,
 }
 
+/// A path rewrite by regular expression (Envoy's `regex_rewrite`, RE2
+/// syntax; `\1` in the substitution is the first capture group).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegexRewrite {
+    pub pattern: String,
+    pub substitution: String,
+}
+
+/// A route taken when every `(header, value)` in `headers` matches exactly
+/// (no headers: every request); it may rewrite the path on the way.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub headers: Vec<(String, String)>,
+    pub cluster: String,
+    pub regex_rewrite: Option<RegexRewrite>,
+}
+
+impl Route {
+    /// A route to `cluster` with no header match yet and no rewrite.
+    pub fn new(cluster: &str) -> Route {
+        Route {
+            headers: Vec::new(),
+            cluster: cluster.to_owned(),
+            regex_rewrite: None,
+        }
+    }
+
+    /// Also requires request header `name` to equal `value`.
+    pub fn header(mut self, name: &str, value: &str) -> Route {
+        self.headers.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Rewrites the path matching `pattern` to `substitution`.
+    pub fn regex_rewrite(mut self, pattern: &str, substitution: &str) -> Route {
+        self.regex_rewrite = Some(RegexRewrite {
+            pattern: pattern.to_owned(),
+            substitution: substitution.to_owned(),
+        });
+        self
+    }
+
+    fn to_json(&self) -> Value {
+        let name = self
+            .headers
+            .iter()
+            .map(|(h, v)| format!("{h}={v}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let headers: Vec<Value> = self
+            .headers
+            .iter()
+            .map(|(h, v)| json!({"name": h, "string_match": {"exact": v}}))
+            .collect();
+        let mut action = istio_route_action(&self.cluster);
+        if let Some(r) = &self.regex_rewrite {
+            action["regex_rewrite"] = json!({
+                "pattern": {"regex": r.pattern},
+                "substitution": r.substitution,
+            });
+        }
+        json!({
+            "name": name,
+            "match": {"prefix": "/", "headers": headers},
+            "route": action,
+        })
+    }
+}
+
+impl From<HeaderRoute> for Route {
+    fn from(r: HeaderRoute) -> Route {
+        Route::new(&r.cluster).header(&r.header, &r.value)
+    }
+}
+
 /// Envoy bootstrap builder; see the module docs for its shape.
 #[derive(Debug, Clone)]
 pub struct Bootstrap {
     clusters: Vec<(String, SocketAddr)>,
-    routes: Vec<HeaderRoute>,
+    routes: Vec<Route>,
     default_cluster: Option<String>,
     istio_filters: bool,
     extra_filters: Vec<Value>,
@@ -155,11 +231,21 @@ impl Bootstrap {
     /// Routes requests whose `header` equals `value` to `cluster`. Routes
     /// are tried in the order added, before the default route.
     pub fn route_header(mut self, header: &str, value: &str, cluster: &str) -> Bootstrap {
-        self.routes.push(HeaderRoute {
-            header: header.to_owned(),
-            value: value.to_owned(),
-            cluster: cluster.to_owned(),
-        });
+        self.routes.push(
+            HeaderRoute {
+                header: header.to_owned(),
+                value: value.to_owned(),
+                cluster: cluster.to_owned(),
+            }
+            .into(),
+        );
+        self
+    }
+
+    /// Adds `route` (several header matches, a path rewrite). Routes are
+    /// tried in the order added, before the default route.
+    pub fn route(mut self, route: Route) -> Bootstrap {
+        self.routes.push(route);
         self
     }
 
@@ -233,20 +319,7 @@ impl Bootstrap {
             "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
         }));
 
-        let mut routes: Vec<Value> = self
-            .routes
-            .iter()
-            .map(|r| {
-                json!({
-                    "name": format!("{}={}", r.header, r.value),
-                    "match": {
-                        "prefix": "/",
-                        "headers": [{"name": r.header, "string_match": {"exact": r.value}}],
-                    },
-                    "route": istio_route_action(&r.cluster),
-                })
-            })
-            .collect();
+        let mut routes: Vec<Value> = self.routes.iter().map(Route::to_json).collect();
         if let Some(c) = &self.default_cluster {
             routes.push(
                 json!({"name": "default", "match": {"prefix": "/"}, "route": istio_route_action(c)}),
@@ -356,4 +429,66 @@ pub fn set_request_header_filter(name: &str, value: &str) -> Value {
             }}]},
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn routes(b: &Bootstrap) -> Vec<Value> {
+        let j = b.to_json();
+        j["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+            ["route_config"]["virtual_hosts"][0]["routes"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn a_header_route_keeps_its_shape() {
+        let r = routes(&Bootstrap::new().route_header("x-v", "2", "v2"));
+        assert_eq!(
+            r,
+            vec![json!({
+                "name": "x-v=2",
+                "match": {"prefix": "/", "headers": [{"name": "x-v", "string_match": {"exact": "2"}}]},
+                "route": istio_route_action("v2"),
+            })]
+        );
+        assert_eq!(r[0]["route"]["retry_policy"]["num_retries"], 2);
+    }
+
+    #[test]
+    fn a_route_matches_every_header_and_rewrites() {
+        let b = Bootstrap::new()
+            .route(
+                Route::new("cloud-gcp")
+                    .header("x-cloud", "gcp")
+                    .header("x-v", "2")
+                    .regex_rewrite("^/m/([^/]+)$", "/m/\\1/v/2"),
+            )
+            .route_header("x-cloud", "gcp", "cloud-gcp")
+            .default_route("cloud-aws");
+        let r = routes(&b);
+        assert_eq!(r.len(), 3);
+        assert_eq!(r[0]["name"], "x-cloud=gcp,x-v=2");
+        assert_eq!(
+            r[0]["match"]["headers"],
+            json!([
+                {"name": "x-cloud", "string_match": {"exact": "gcp"}},
+                {"name": "x-v", "string_match": {"exact": "2"}},
+            ])
+        );
+        assert_eq!(
+            r[0]["route"]["regex_rewrite"],
+            json!({"pattern": {"regex": "^/m/([^/]+)$"}, "substitution": "/m/\\1/v/2"})
+        );
+        assert_eq!(r[0]["route"]["cluster"], "cloud-gcp");
+        assert_eq!(
+            r[0]["route"]["retry_policy"],
+            istio_route_action("x")["retry_policy"]
+        );
+        assert_eq!(r[1]["route"].get("regex_rewrite"), None);
+        assert_eq!(r[2]["name"], "default");
+    }
 }
