@@ -304,14 +304,21 @@ async fn a_dead_cloud_is_replayed_then_taken_out() {
     // can outlast the 50 ms hedge delay: then the hedge answers.
     let hedged = stats.sum(REQUESTS, &[("cloud", "gcp"), ("outcome", "hedged")]);
     assert_eq!(replayed + hedged + direct, 20.0, "{}", dump(&stats));
-    // Passive health: after 3 consecutive failures (per shared record; both
-    // workers feed it) aws is out, so later requests go to gcp directly.
+    // Passive health (3 consecutive failures, both workers feeding one
+    // shared record) or the probes take aws out within a few requests;
+    // after that requests go to gcp directly: no failover header.
     assert!(
-        replayed + hedged <= 4.0,
+        replayed + hedged <= 8.0,
         "{} replays and hedges: aws was not taken out",
         replayed + hedged
     );
-    assert!(direct >= 16.0);
+    for (i, r) in resps.iter().enumerate().skip(10) {
+        assert_eq!(
+            r.header("x-infermesh-failover"),
+            None,
+            "request {i} still failed over"
+        );
+    }
     assert_eq!(
         stats.sum(TRANSITIONS, &[("cloud", "aws"), ("outcome", "unhealthy")]),
         1.0

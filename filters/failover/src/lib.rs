@@ -15,6 +15,9 @@
 //! upstream. A hedge is the same callout, started from the root context's
 //! tick when the first try is slower than the hedge delay; whichever
 //! answers first wins, and Envoy resets the other when the reply goes out.
+//! Losing a hedge race is not a failure (a stalled proxy makes every cloud
+//! late); a hung cloud leaves by its try timeout and its probes, and until
+//! then every request to it is hedged.
 //!
 //! **Health is shared.** Every worker VM keeps the same per-cloud
 //! [`Record`]s in shared data (compare-and-swap updates), fed by readiness
@@ -719,11 +722,11 @@ impl Shared {
             };
             match next {
                 Next::ReplayTo { .. } => {
-                    // The slow cloud lost the race against the delay: a
-                    // live failure, so a hung cloud is taken out after a
-                    // few requests instead of after the probe rounds.
-                    self.metrics.failure(first, Failure::Timeout);
-                    self.live(first, false, now);
+                    // Being slower than the delay is not counted as a
+                    // failure: when the proxy itself stalls, every cloud
+                    // is late, and ejecting them one after another would
+                    // cascade. A hung cloud goes out by its try timeout
+                    // and its probes; until then hedges hide it.
                     self.act(f, next, TryKind::Hedge, now);
                 }
                 Next::GiveUp(GiveUp::Answered | GiveUp::NotHedgeable) | Next::Wait => {}
