@@ -1,6 +1,7 @@
 //! `infermesh demo`: drives traffic through the local mesh and prints what
-//! happened, measured from the outside (which sidecar answered, the
-//! `x-infermesh-served-by` header, the model's answer, Envoy's metrics).
+//! happened, measured from the outside (which cloud and version answered,
+//! from the `x-infermesh-served-by` header; the model's answer; Envoy's
+//! metrics). Every printed claim is also a check.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -9,15 +10,37 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use filter_core::canary::{self, Decision};
 use filter_core::headers::SERVED_BY;
+use mesh::load::{self, Plan, Record};
 use mesh::{Client, Req, Resp};
 use serde_json::{json, Value};
 
-use crate::local::{LocalMesh, Options};
+use crate::local::{LocalMesh, Options, CLOUDS, RESIDENCY_HEADER, VERSIONS};
 
 /// Users in the split and ramp steps.
 const USERS: usize = 2_000;
-/// Seconds from start until the scheduled ramp step.
-const RAMP_AFTER_S: u64 = 20;
+/// Seconds from start until the scheduled ramp step (the failover act
+/// runs while it is pending).
+const RAMP_AFTER_S: u64 = 30;
+/// The failover act: open-loop rate, length, when aws is killed and when
+/// it is started again.
+const ACT_RATE: f64 = 100.0;
+const ACT_S: u64 = 11;
+const KILL_AT_S: u64 = 3;
+const RESTART_AT_S: u64 = 6;
+/// Every this many requests of the act one is tagged `x-data-residency: eu`.
+const EU_EVERY: u64 = 4;
+/// The switch to gcp must be done within this of the kill.
+const SWITCH_LIMIT_MS: f64 = 2_000.0;
+/// aws serves again between these after it is ready (the healthy
+/// threshold is 3 probes 500 ms apart: about 1 s), then keeps at least
+/// this share, percent.
+const READMIT_MIN_MS: f64 = 800.0;
+const RETURN_LIMIT_MS: f64 = 4_000.0;
+const RETURN_SHARE: f64 = 90.0;
+const REQUESTS: &str = "infermesh_failover_requests_total";
+const TRANSITIONS: &str = "infermesh_failover_transitions_total";
+const OUTCOMES: [&str; 4] = ["served", "replayed", "hedged", "failed"];
+const REASONS: [&str; 3] = ["probe", "live_failures", "live_failure_rate"];
 
 /// A digit image (784 floats) and its true label, from the references.
 struct Digit {
@@ -59,6 +82,23 @@ fn served(resp: &Resp) -> String {
     resp.header(SERVED_BY).unwrap_or_else(|| "-".to_owned())
 }
 
+/// The version in a `model/version@cloud` served-by value.
+fn version_in(served_by: &str) -> &str {
+    let model_version = served_by.split('@').next().unwrap_or("");
+    model_version.rsplit('/').next().unwrap_or("")
+}
+
+/// True for `model/version@cloud` with a known version and cloud.
+fn names_version_and_cloud(served_by: &str, model: &str) -> bool {
+    let Some((mv, cloud)) = served_by.split_once('@') else {
+        return false;
+    };
+    let Some((m, v)) = mv.split_once('/') else {
+        return false;
+    };
+    m == model && VERSIONS.contains(&v) && CLOUDS.iter().any(|c| c.name == cloud)
+}
+
 fn now_s() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -76,8 +116,8 @@ pub async fn run(root: &Path, port: u16) -> Result<String, String> {
         canary_percent: 10.0,
         step: Some((ramp_at, 50.0)),
     };
-    eprintln!("infermesh: starting the local mesh (two sidecars, Envoy with the filters)...");
-    let mesh = LocalMesh::start(&opts).await?;
+    eprintln!("infermesh: starting the local mesh (three clouds, Envoy with the filters)...");
+    let mut mesh = LocalMesh::start(&opts).await?;
     let client = mesh.envoy.client().connections(8);
     let mut out = String::new();
     let _ = writeln!(out, "infermesh local mesh\n{}", mesh.describe());
@@ -106,7 +146,7 @@ pub async fn run(root: &Path, port: u16) -> Result<String, String> {
         let r = client.send(req).await;
         let detail = match label_of(&r) {
             Some(l) => format!(
-                "served by {:<14} predicts {l} (true label {})",
+                "served by {:<18} predicts {l} (true label {})",
                 served(&r),
                 digit.label
             ),
@@ -158,11 +198,20 @@ pub async fn run(root: &Path, port: u16) -> Result<String, String> {
         sample.len()
     );
 
-    // 4. The scheduled ramp: the weight is a function of wall-clock time.
+    // 4. A cloud dies under load (while the scheduled step is pending).
+    let act_ok = match failover_act(&mut mesh, &body, &mut out).await {
+        Ok(ok) => ok,
+        Err(e) => {
+            let _ = writeln!(out, "   the failover act could not run: {e}");
+            false
+        }
+    };
+
+    // 5. The scheduled ramp: the weight is a function of wall-clock time.
     let wait = ramp_at.saturating_sub(now_s()) + 1;
     let _ = writeln!(
         out,
-        "\n3. scheduled step: canary 10% -> 50% at a wall-clock time, no controller, no restart"
+        "\n4. scheduled step: canary 10% -> 50% at a wall-clock time, no controller, no restart"
     );
     eprintln!("infermesh: waiting {wait} s for the scheduled step...");
     tokio::time::sleep(Duration::from_secs(wait)).await;
@@ -189,9 +238,9 @@ pub async fn run(root: &Path, port: u16) -> Result<String, String> {
     );
     let _ = writeln!(out, "   moved stable -> canary: {forward}; moved canary -> stable: {back} (monotone: must be 0)");
 
-    // 5. What Envoy counted.
+    // 6. What Envoy counted.
     let stats = mesh.envoy.stats().await;
-    let _ = writeln!(out, "\n4. Envoy metrics (/stats/prometheus)");
+    let _ = writeln!(out, "\n5. Envoy metrics (/stats/prometheus)");
     for v in ["1", "2"] {
         let keyed = stats.sum(
             "infermesh_canary_requests_total",
@@ -223,7 +272,7 @@ pub async fn run(root: &Path, port: u16) -> Result<String, String> {
         out,
         "   infermesh_router_rejected_total{{reason=\"unknown_model\"}} {rejected}"
     );
-    let ok = on_v2 > 0 && back == 0 && sticky == sample.len() && predicted == USERS;
+    let ok = on_v2 > 0 && back == 0 && sticky == sample.len() && predicted == USERS && act_ok;
     let _ = writeln!(
         out,
         "\n{}",
@@ -279,8 +328,237 @@ async fn versions_of(
         if r.status != 200 || label_of(&r).is_none() {
             return Err(format!("{u}: {} {}", r.status, r.text()));
         }
-        let v = served(&r).rsplit('/').next().unwrap_or("").to_owned();
-        out.insert(u.clone(), v);
+        out.insert(u.clone(), version_in(&served(&r)).to_owned());
     }
     Ok(out)
+}
+
+/// Request `seq` of the failover act: an inference, every
+/// [`EU_EVERY`]th one tagged `eu`.
+fn act_request(body: &[u8], seq: u64) -> Req {
+    let r = Req::post("/v2/models/digits-mlp/infer", body.to_vec())
+        .header("content-type", "application/json");
+    if is_eu(seq) {
+        r.header(RESIDENCY_HEADER, "eu")
+    } else {
+        r
+    }
+}
+
+fn is_eu(seq: u64) -> bool {
+    seq % EU_EVERY == 1
+}
+
+fn mark(ok: bool) -> &'static str {
+    if ok {
+        "ok"
+    } else {
+        "FAILED"
+    }
+}
+
+/// Open-loop load through the mesh; aws is killed (SIGKILL) and later
+/// started again on the same address. Writes what happened; returns
+/// whether every claim held.
+async fn failover_act(mesh: &mut LocalMesh, body: &[u8], out: &mut String) -> Result<bool, String> {
+    let _ = writeln!(
+        out,
+        "\n3. failover: {ACT_RATE:.0} req/s for {ACT_S} s (1 in {EU_EVERY} tagged {RESIDENCY_HEADER}: eu); \
+         aws killed (SIGKILL) at {KILL_AT_S} s, started again at {RESTART_AT_S} s"
+    );
+    let before = mesh.envoy.stats().await;
+    let mut plan = Plan::new(mesh.envoy.listener, ACT_RATE, Duration::from_secs(ACT_S));
+    plan.timeout = Duration::from_secs(5);
+    let body = body.to_vec();
+    eprintln!("infermesh: failover act: {ACT_S} s of load, aws killed at {KILL_AT_S} s...");
+    let running = load::start(plan, move |seq| act_request(&body, seq))?;
+    running.sleep_until(Duration::from_secs(KILL_AT_S)).await;
+    let kill_ms = running.elapsed_ms();
+    mesh.cloud("aws")?.kill();
+    running.sleep_until(Duration::from_secs(RESTART_AT_S)).await;
+    let restart_ms = running.elapsed_ms();
+    let restarted = mesh.cloud("aws")?.restart().await;
+    let ready_ms = running.elapsed_ms();
+    let records = running.finish().await?;
+    restarted.map_err(|e| format!("aws did not start again: {e}"))?;
+    let after = mesh.envoy.stats().await;
+    let mut ok = true;
+
+    // What the clients saw.
+    let summary = load::summarize(&records);
+    let errors_ok = summary.errors == 0 && summary.requests > 0;
+    ok &= errors_ok;
+    let _ = writeln!(
+        out,
+        "   {} requests, {} client-visible errors (must be 0: {}); p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+        summary.requests,
+        summary.errors,
+        mark(errors_ok),
+        summary.p50_ms,
+        summary.p99_ms,
+        summary.max_ms
+    );
+    if let Some(bad) = records.iter().find(|r| !r.ok()) {
+        let _ = writeln!(
+            out,
+            "   first error: request {} at {:.0} ms: {}",
+            bad.seq,
+            bad.start_ms,
+            bad.error
+                .clone()
+                .unwrap_or_else(|| format!("status {:?}", bad.status))
+        );
+    }
+    let named = records
+        .iter()
+        .filter(|r| {
+            r.ok()
+                && r.served_by
+                    .as_deref()
+                    .is_some_and(|s| names_version_and_cloud(s, "digits-mlp"))
+        })
+        .count();
+    let named_ok = named == records.len();
+    ok &= named_ok;
+    let _ = writeln!(
+        out,
+        "   {named}/{} answers name model/version@cloud in {SERVED_BY} ({})",
+        records.len(),
+        mark(named_ok)
+    );
+
+    // Who served, second by second.
+    let _ = writeln!(
+        out,
+        "   served per second ({SERVED_BY}: digits-mlp/<version>@<cloud>):"
+    );
+    let _ = writeln!(out, "     second    aws    gcp  azure  error");
+    for (sec, by) in load::per_second(&records) {
+        let n = |c: &str| by.get(c).copied().unwrap_or(0);
+        let note = if sec == KILL_AT_S {
+            "   <- aws killed"
+        } else if sec == RESTART_AT_S {
+            "   <- aws started again"
+        } else {
+            ""
+        };
+        let _ = writeln!(
+            out,
+            "     {sec:>6} {:>6} {:>6} {:>6} {:>6}{note}",
+            n("aws"),
+            n("gcp"),
+            n("azure"),
+            n("error") + n("unknown")
+        );
+    }
+
+    // The switch, the return, residency.
+    let switch = load::settle_ms(&records, kill_ms, restart_ms, |r| r.served_by_cloud("gcp"));
+    let switch_ok = switch.is_some_and(|t| t <= SWITCH_LIMIT_MS);
+    ok &= switch_ok;
+    let _ = writeln!(
+        out,
+        "   kill -> all traffic on gcp: {} (limit {SWITCH_LIMIT_MS:.0} ms: {})",
+        fmt_ms(switch),
+        mark(switch_ok)
+    );
+    // Back on aws: the first answer from aws after it is ready again, then
+    // the share aws keeps (a hedge to gcp may still win now and then).
+    let since_ready: Vec<&Record> = load::window(&records, ready_ms, f64::INFINITY);
+    let first_back = since_ready
+        .iter()
+        .filter(|r| r.served_by_cloud("aws"))
+        .map(|r| r.start_ms)
+        .min_by(f64::total_cmp);
+    let (on_aws, total) = first_back.map_or((0, 0), |t| {
+        let after: Vec<_> = since_ready.iter().filter(|r| r.start_ms >= t).collect();
+        (
+            after.iter().filter(|r| r.served_by_cloud("aws")).count(),
+            after.len(),
+        )
+    });
+    let back = first_back.map(|t| t - ready_ms);
+    let back_ok = back.is_some_and(|t| (READMIT_MIN_MS..=RETURN_LIMIT_MS).contains(&t))
+        && pct(on_aws, total) >= RETURN_SHARE;
+    ok &= back_ok;
+    let _ = writeln!(
+        out,
+        "   aws ready again {:.0} ms after the restart; first answer from aws {} later \
+         (3 healthy probes 500 ms apart: between {READMIT_MIN_MS:.0} and {RETURN_LIMIT_MS:.0} ms), \
+         then {on_aws}/{total} on aws ({:.1}%, at least {RETURN_SHARE:.0}%: {})",
+        ready_ms - restart_ms,
+        fmt_ms(back),
+        pct(on_aws, total),
+        mark(back_ok)
+    );
+    let eu: Vec<&Record> = records.iter().filter(|r| is_eu(r.seq)).collect();
+    let on = |c: &str| eu.iter().filter(|r| r.served_by_cloud(c)).count();
+    let eu_ok = !eu.is_empty() && on("azure") == 0 && on("aws") + on("gcp") == eu.len();
+    ok &= eu_ok;
+    let _ = writeln!(
+        out,
+        "   {} requests tagged eu: aws {}, gcp {}, azure {} (no eu request on azure: {})",
+        eu.len(),
+        on("aws"),
+        on("gcp"),
+        on("azure"),
+        mark(eu_ok)
+    );
+
+    // What the failover filter counted during the act.
+    let delta =
+        |name: &str, labels: &[(&str, &str)]| after.sum(name, labels) - before.sum(name, labels);
+    let _ = writeln!(out, "   {REQUESTS} during the act:");
+    for c in CLOUDS {
+        let counts: Vec<String> = OUTCOMES
+            .iter()
+            .map(|o| {
+                format!(
+                    "{o} {}",
+                    delta(REQUESTS, &[("cloud", c.name), ("outcome", o)])
+                )
+            })
+            .collect();
+        let _ = writeln!(out, "     {:<6} {}", c.name, counts.join(", "));
+    }
+    let _ = writeln!(out, "   {TRANSITIONS} during the act:");
+    let mut transitions = Vec::new();
+    for c in CLOUDS {
+        for state in ["unhealthy", "healthy"] {
+            for reason in REASONS {
+                let labels = [("cloud", c.name), ("outcome", state), ("reason", reason)];
+                let n = delta(TRANSITIONS, &labels);
+                if n != 0.0 {
+                    transitions.push((c.name, state, reason, n));
+                    let _ = writeln!(
+                        out,
+                        "     {{cloud=\"{}\",outcome=\"{state}\",reason=\"{reason}\"}} {n}",
+                        c.name
+                    );
+                }
+            }
+        }
+    }
+    let failed = delta(REQUESTS, &[("outcome", "failed")]);
+    let rescued = delta(REQUESTS, &[("cloud", "gcp"), ("outcome", "replayed")])
+        + delta(REQUESTS, &[("cloud", "gcp"), ("outcome", "hedged")]);
+    let went_down = transitions
+        .iter()
+        .any(|&(c, s, _, n)| c == "aws" && s == "unhealthy" && n > 0.0);
+    let came_back = transitions
+        .iter()
+        .any(|&(c, s, r, n)| c == "aws" && s == "healthy" && r == "probe" && n > 0.0);
+    let counters_ok = failed == 0.0 && rescued > 0.0 && went_down && came_back;
+    ok &= counters_ok;
+    let _ = writeln!(
+        out,
+        "   failed 0: {failed}; replayed or hedged to gcp > 0: {rescued}; aws went unhealthy: {went_down}; \
+         aws readmitted by probes: {came_back} ({})",
+        mark(counters_ok)
+    );
+    Ok(ok)
+}
+
+fn fmt_ms(ms: Option<f64>) -> String {
+    ms.map_or_else(|| "never".to_owned(), |t| format!("{t:.0} ms"))
 }

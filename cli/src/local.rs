@@ -1,19 +1,66 @@
 //! The local mesh: on loopback, a real Envoy running the built filters
-//! (model-router, then canary) in front of two inference sidecars, one per
-//! model version, routed the way Istio routes (a header match on
-//! `x-infermesh-version` → the version's cluster; default → stable).
+//! (model-router, canary, failover) in front of three clouds, each one
+//! inference sidecar serving the example repository in both versions.
+//! Routing is Istio's: a route per (cloud, version) matches
+//! `x-infermesh-cloud` and `x-infermesh-version` and rewrites the OIP path
+//! to name the version (a VirtualService `rewrite.uriRegexRewrite`), so the
+//! sidecar serves exactly the version canary picked; a route per cloud
+//! without a version; a default route to the first cloud.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use filter_core::headers::{CLOUD, VERSION};
+use mesh::bootstrap::Route;
 use mesh::sidecar::Sidecar;
 use mesh::{Bootstrap, Envoy, WasmFilter};
 use serde_json::json;
 
-/// Models the local mesh serves, each in versions 1 and 2.
+/// Models the filters route and split, each in versions 1 and 2.
 pub const MODELS: [&str; 3] = ["digits-mlp", "tiny-cnn", "digits-forest"];
-/// The versions, one sidecar each.
+/// The versions every cloud serves.
 pub const VERSIONS: [&str; 2] = ["1", "2"];
+
+/// One cloud of the local mesh: a sidecar on its own loopback address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cloud {
+    pub name: &'static str,
+    pub ip: [u8; 4],
+    /// The residency tag (`eu`, `us`).
+    pub region: &'static str,
+}
+
+impl Cloud {
+    /// The Envoy cluster of the cloud.
+    pub fn cluster(&self) -> String {
+        format!("cloud-{}", self.name)
+    }
+}
+
+/// The clouds in failover pick order.
+pub const CLOUDS: [Cloud; 3] = [
+    Cloud {
+        name: "aws",
+        ip: [127, 0, 0, 2],
+        region: "eu",
+    },
+    Cloud {
+        name: "gcp",
+        ip: [127, 0, 0, 3],
+        region: "eu",
+    },
+    Cloud {
+        name: "azure",
+        ip: [127, 0, 0, 4],
+        region: "us",
+    },
+];
+
+/// The request header naming the data residency (`eu`, `us`).
+pub const RESIDENCY_HEADER: &str = "x-data-residency";
+
+/// The OIP paths without a version; the per-version routes rewrite them.
+const UNVERSIONED: &str = "^/v2/models/([^/]+)/(infer|ready)$";
 
 /// What `up` and `demo` are started with.
 #[derive(Debug, Clone)]
@@ -31,9 +78,11 @@ pub struct Options {
 /// A running local mesh; everything stops when it is dropped.
 pub struct LocalMesh {
     pub envoy: Envoy,
+    /// One per cloud, in the order of [`CLOUDS`], named after the cloud.
     pub sidecars: Vec<Sidecar>,
     pub router_config: serde_json::Value,
     pub canary_config: serde_json::Value,
+    pub failover_config: serde_json::Value,
     _dir: tempfile::TempDir,
 }
 
@@ -63,7 +112,10 @@ pub fn prepare(root: &Path) -> Result<(PathBuf, PathBuf), String> {
     let dist = std::env::var_os(mesh::wasm::WASM_DIR_ENV)
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("dist"));
-    if !dist.join("canary.wasm").is_file() || !dist.join("model-router.wasm").is_file() {
+    if ["canary", "model-router", "failover"]
+        .iter()
+        .any(|f| !dist.join(format!("{f}.wasm")).is_file())
+    {
         run(root, "wasm-build.sh", &[])?;
     }
     let sidecar = std::env::var_os("INFERMESH_SIDECAR_BIN")
@@ -81,23 +133,6 @@ pub fn prepare(root: &Path) -> Result<(PathBuf, PathBuf), String> {
         }
     }
     Ok((dist, sidecar))
-}
-
-/// A model repository holding only `version` of each model, as the pods of
-/// one DestinationRule subset would: config.json copied, the version
-/// directory linked.
-fn version_repo(examples: &Path, dir: &Path, version: &str) -> Result<PathBuf, String> {
-    let repo = dir.join(format!("v{version}"));
-    for model in MODELS {
-        let src = examples.join(model);
-        let dst = repo.join(model);
-        std::fs::create_dir_all(&dst).map_err(|e| format!("{}: {e}", dst.display()))?;
-        std::fs::copy(src.join("config.json"), dst.join("config.json"))
-            .map_err(|e| format!("{}: {e}", src.display()))?;
-        std::os::unix::fs::symlink(src.join(version), dst.join(version))
-            .map_err(|e| format!("{}: {e}", dst.display()))?;
-    }
-    Ok(repo)
 }
 
 pub fn router_config() -> serde_json::Value {
@@ -143,42 +178,76 @@ pub fn canary_config(percent: f64, step: Option<(u64, f64)>) -> serde_json::Valu
     })
 }
 
+/// aws and gcp in the eu, azure in the us, picked in that order; requests
+/// tagged `eu` stay on eu clouds, `us` on us clouds, untagged go anywhere.
+pub fn failover_config() -> serde_json::Value {
+    let clouds: Vec<_> = (0u32..)
+        .zip(CLOUDS)
+        .map(|(priority, c)| {
+            json!({"name": c.name, "cluster": c.cluster(), "tags": [c.region], "priority": priority})
+        })
+        .collect();
+    json!({
+        "clouds": clouds,
+        "residency": {
+            "header": RESIDENCY_HEADER,
+            "rules": {"eu": ["eu"], "us": ["us"]},
+            "default": ["*"],
+            "on_unknown": "reject"
+        },
+        "health": {
+            "probe": {"interval_ms": 500, "timeout_ms": 200,
+                      "unhealthy_threshold": 2, "healthy_threshold": 3},
+            "passive": {"consecutive_failures": 3}
+        },
+        "replay": {"per_try_timeout_ms": 1000},
+        "hedge": {"delay_ms": 50},
+        // model-router runs first and removes client-sent x-infermesh-*.
+        "trust_downstream_headers": true
+    })
+}
+
+/// The Envoy routes: per (cloud, version), per cloud, default first cloud.
+fn routes(mut b: Bootstrap) -> Bootstrap {
+    for c in CLOUDS {
+        for v in VERSIONS {
+            b = b.route(
+                Route::new(&c.cluster())
+                    .header(CLOUD, c.name)
+                    .header(VERSION, v)
+                    .regex_rewrite(UNVERSIONED, &format!("/v2/models/\\1/versions/{v}/\\2")),
+            );
+        }
+    }
+    for c in CLOUDS {
+        b = b.route_header(CLOUD, c.name, &c.cluster());
+    }
+    b.default_route(&CLOUDS[0].cluster())
+}
+
 impl LocalMesh {
-    /// Starts two sidecars and Envoy; returns when all are ready.
+    /// Starts a sidecar per cloud and Envoy; returns when all are ready.
     pub async fn start(opts: &Options) -> Result<LocalMesh, String> {
         let (dist, sidecar_bin) = prepare(&opts.root)?;
+        let router_config = router_config();
+        let canary_config = canary_config(opts.canary_percent, opts.step);
+        let failover_config = failover_config();
+        filter_core::config::failover::parse(failover_config.to_string().as_bytes())
+            .map_err(|e| format!("the local mesh's failover config: {e}"))?;
         let dir = tempfile::Builder::new()
             .prefix("infermesh-local-")
             .tempdir()
             .map_err(|e| format!("cannot create a temp dir: {e}"))?;
-        let examples = opts.root.join("examples/models");
+        let repo = opts.root.join("examples/models");
         let mut sidecars = Vec::new();
-        for v in VERSIONS {
-            let repo = version_repo(&examples, dir.path(), v)?;
-            sidecars.push(
-                Sidecar::start(
-                    &sidecar_bin,
-                    &format!("sidecar-v{v}"),
-                    &repo,
-                    [127, 0, 0, 1],
-                    dir.path(),
-                )
-                .await?,
-            );
+        for c in CLOUDS {
+            sidecars.push(Sidecar::start(&sidecar_bin, c.name, &repo, c.ip, dir.path()).await?);
         }
-        let router_config = router_config();
-        let canary_config = canary_config(opts.canary_percent, opts.step);
         let mut b = Bootstrap::new().listener_port(opts.port);
-        for (v, s) in VERSIONS.iter().zip(&sidecars) {
-            let cluster = format!("v{v}");
-            b = b.cluster(&cluster, s.addr).route_header(
-                filter_core::headers::VERSION,
-                v,
-                &cluster,
-            );
+        for (c, s) in CLOUDS.iter().zip(&sidecars) {
+            b = b.cluster(&c.cluster(), s.addr);
         }
-        b = b
-            .default_route("v1")
+        b = routes(b)
             .wasm(
                 WasmFilter::new(
                     "infermesh-model-router",
@@ -191,6 +260,11 @@ impl LocalMesh {
                 "infermesh-canary",
                 &dist.join("canary.wasm"),
                 canary_config.to_string(),
+            ))
+            .wasm(WasmFilter::new(
+                "infermesh-failover",
+                &dist.join("failover.wasm"),
+                failover_config.to_string(),
             ));
         let envoy = Envoy::try_start(&b).await.map_err(|f| {
             format!(
@@ -204,22 +278,35 @@ impl LocalMesh {
             sidecars,
             router_config,
             canary_config,
+            failover_config,
             _dir: dir,
         })
+    }
+
+    /// The sidecar standing for cloud `name`.
+    pub fn cloud(&mut self, name: &str) -> Result<&mut Sidecar, String> {
+        self.sidecars
+            .iter_mut()
+            .find(|s| s.name == name)
+            .ok_or_else(|| format!("no cloud {name:?}"))
     }
 
     /// A summary of what runs where.
     pub fn describe(&self) -> String {
         let mut out = format!(
-            "  envoy     http://{}   (admin http://{}; filters: model-router -> canary, V8)\n",
+            "  envoy  http://{}   (admin http://{}; filters: model-router -> canary -> failover, V8)\n",
             self.envoy.listener, self.envoy.admin
         );
-        for s in &self.sidecars {
+        for (priority, (c, s)) in CLOUDS.iter().zip(&self.sidecars).enumerate() {
             out.push_str(&format!(
-                "  {:<9} http://{}   ({})\n",
-                s.name,
-                s.addr,
-                MODELS.join(", ")
+                "  {:<6} http://{:<16} (pid {}; cluster {}, region {}, pick order {}; every example model, versions {})\n",
+                c.name,
+                s.addr.to_string(),
+                s.pid(),
+                c.cluster(),
+                c.region,
+                priority + 1,
+                VERSIONS.join(" and ")
             ));
         }
         out

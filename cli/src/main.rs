@@ -13,12 +13,17 @@ infermesh: ML model rollout and failover in the service mesh
 USAGE:
   infermesh demo [--port PORT]
       Start the local mesh and drive traffic through it: routing on OIP
-      paths and aliases, the sticky 90/10 canary, a scheduled step to 50%,
-      and what Envoy counted. Exit 1 if a check fails.
+      paths and aliases, the sticky 90/10 canary, a cloud killed under
+      load and the failover (no client-visible errors, eu traffic kept
+      off the us cloud, the cloud readmitted after it restarts), a
+      scheduled step to 50%, and what Envoy counted. Exit 1 if a check
+      fails.
   infermesh up [--port PORT] [--canary PERCENT]
       Start the local mesh and keep it running until Ctrl-C: a real Envoy
-      (V8) with model-router and canary in front of two inference
-      sidecars (versions 1 and 2 of the example models).
+      (V8) with model-router, canary and failover in front of three
+      clouds on loopback (aws 127.0.0.2 and gcp 127.0.0.3 in the eu,
+      azure 127.0.0.4 in the us), each an inference sidecar serving
+      versions 1 and 2 of the example models.
   infermesh validate [--filter NAME] PATH...
       Check pluginConfig files (*.json; the filter is taken from the file
       name, e.g. canary.json or failover-eu.json, or --filter) and the
@@ -252,7 +257,7 @@ fn run_up(args: &[String]) -> Result<ExitCode, String> {
         };
         println!("infermesh local mesh is up\n{}", mesh.describe());
         println!(
-            "try:\n  curl -s -i http://{0}/v2/models/digits-mlp/versions/canary/ready\n  curl -s -i -H 'x-user-id: alice' http://{0}/v2/models/digits-mlp\n  curl -s http://{1}/stats/prometheus | grep infermesh_\nCtrl-C stops everything.",
+            "try:\n  curl -s -i http://{0}/v2/models/digits-mlp/versions/canary/ready\n  curl -s -i -H 'x-user-id: alice' http://{0}/v2/models/digits-mlp/ready\n  curl -s -i -H 'x-data-residency: us' http://{0}/v2/models/digits-mlp/ready\n  curl -s http://{1}/stats/prometheus | grep infermesh_\nkill a cloud (kill -9 PID of its sidecar, pids above) and watch x-infermesh-served-by move.\nCtrl-C stops everything.",
             mesh.envoy.listener, mesh.envoy.admin
         );
         let _ = tokio::signal::ctrl_c().await;
