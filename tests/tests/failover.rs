@@ -704,3 +704,85 @@ async fn behind_router_and_canary_routing_follows_the_cloud_header() {
     resps.push(r);
     assert_vm_healthy(&resps, &rig.envoy.log());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_every_cloud_fails_the_first_failure_is_passed_on() {
+    let _bin = require_envoy!("when_every_cloud_fails_the_first_failure_is_passed_on");
+    let rig = Rig::start(config()).await;
+    for name in NAMES {
+        rig.cloud(name).set_mode(Mode::Status(500));
+    }
+    let r = rig.send(infer(None)).await;
+    // Held while gcp and azure were tried, then released unchanged.
+    assert_eq!(r.status, 500);
+    assert_eq!(r.text(), "upstream=aws\n");
+    assert_eq!(r.header(SERVED_BY).as_deref(), Some("@aws"));
+    for name in NAMES {
+        assert_eq!(rig.infers(name), 1, "{name} tried once");
+    }
+    let stats = rig.stats().await;
+    assert_eq!(
+        stats.get(GIVE_UPS, &[("reason", "attempts_exhausted")]),
+        Some(1.0),
+        "{}",
+        dump(&stats)
+    );
+    assert_eq!(
+        stats.get(REQUESTS, &[("cloud", "aws"), ("outcome", "failed")]),
+        Some(1.0)
+    );
+    assert_vm_healthy(&[r], &rig.envoy.log());
+}
+
+/// Hedging off: a hung cloud is left after the try timeout and the
+/// request replayed; when every cloud hangs, the filter answers 504 by
+/// the total deadline instead of leaving the client waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn try_timeouts_replay_and_the_deadline_holds() {
+    let _bin = require_envoy!("try_timeouts_replay_and_the_deadline_holds");
+    let mut cfg = config();
+    cfg["hedge"] = json!({"enabled": false});
+    cfg["replay"] = json!({"max_attempts": 3, "per_try_timeout_ms": 300, "total_deadline_ms": 700});
+    // Probes slow enough not to take aws out during the test.
+    cfg["health"]["probe"] = json!({"interval_ms": 10000, "timeout_ms": 5000});
+    let rig = Rig::start(cfg).await;
+    rig.cloud("aws").set_mode(Mode::Hang);
+    let t0 = Instant::now();
+    let r = rig.send(infer(None)).await;
+    let took = t0.elapsed();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(answered_by(&r), "gcp");
+    assert_eq!(
+        r.header("x-infermesh-failover").as_deref(),
+        Some("replayed")
+    );
+    assert!(
+        took >= Duration::from_millis(290) && took < Duration::from_millis(600),
+        "{took:?}"
+    );
+
+    rig.cloud("gcp").set_mode(Mode::Hang);
+    rig.cloud("azure").set_mode(Mode::Hang);
+    let t0 = Instant::now();
+    let r = rig.send(infer(None)).await;
+    let took = t0.elapsed();
+    assert_eq!(r.status, 504, "{}", r.text());
+    let body: serde_json::Value = serde_json::from_str(&r.text()).expect("JSON body");
+    assert_eq!(body["model"], "digits-mlp");
+    let tries: Vec<&str> = body["tries"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|t| t["cloud"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(tries.first(), Some(&"aws"), "{body}");
+    assert!(
+        took >= Duration::from_millis(590) && took < Duration::from_millis(1_000),
+        "{took:?}: the 700 ms deadline"
+    );
+    let stats = rig.stats().await;
+    assert!(
+        stats.sum(FAILURES, &[("failure", "timeout")]) >= 2.0,
+        "{}",
+        dump(&stats)
+    );
+    assert_vm_healthy(&[r], &rig.envoy.log());
+}

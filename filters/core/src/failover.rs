@@ -68,6 +68,30 @@ impl Failure {
         (500..=599).contains(&status).then_some(Failure::Status5xx)
     }
 
+    /// Classifies a callout's 5xx answer. Envoy answers a failed callout
+    /// itself with a short text body (`upstream request timeout`,
+    /// `upstream connect error or disconnect/reset before headers. reset
+    /// reason: …`, `no healthy upstream`); anything else is the upstream's
+    /// own 5xx.
+    pub fn from_callout_body(body: &[u8]) -> Failure {
+        let has = |needle: &[u8]| body.windows(needle.len()).any(|w| w == needle);
+        if body.starts_with(b"upstream request timeout") {
+            Failure::Timeout
+        } else if body.starts_with(b"no healthy upstream")
+            || (body.starts_with(b"upstream connect error")
+                && (has(b"connection failure")
+                    || has(b"connection timeout")
+                    || has(b"overflow")
+                    || has(b"Connection refused")))
+        {
+            Failure::ConnectFailure
+        } else if body.starts_with(b"upstream connect error") {
+            Failure::Reset
+        } else {
+            Failure::Status5xx
+        }
+    }
+
     /// Classifies a 5xx response from Envoy's `response.code_details`:
     /// `via_upstream` is the upstream's own 5xx; Envoy's own answers name
     /// what went wrong (`upstream_reset_before_response_started{

@@ -528,7 +528,19 @@ impl Shared {
                     }
                     _ => {
                         let failure = match status {
-                            Some(_) => Failure::Status5xx,
+                            Some(_) => {
+                                // Envoy's own answers are short; 256 bytes
+                                // tell them from an upstream's 5xx.
+                                let head = hostcalls::get_buffer(
+                                    proxy_wasm::types::BufferType::HttpCallResponseBody,
+                                    0,
+                                    body_size.min(256),
+                                )
+                                .ok()
+                                .flatten()
+                                .unwrap_or_default();
+                                Failure::from_callout_body(&head)
+                            }
                             None if now.saturating_sub(started_ms) + TICK_MS >= timeout_ms => {
                                 Failure::Timeout
                             }

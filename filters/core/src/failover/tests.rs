@@ -302,3 +302,29 @@ fn give_up_response_names_every_try() {
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(v["model"], serde_json::Value::Null);
 }
+
+#[test]
+fn envoy_callout_answers_classify_failures() {
+    let cases: &[(&str, Failure)] = &[
+        ("upstream request timeout", Failure::Timeout),
+        (
+            "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure, transport failure reason: delayed connect error: Connection refused",
+            Failure::ConnectFailure,
+        ),
+        (
+            "upstream connect error or disconnect/reset before headers. reset reason: connection timeout",
+            Failure::ConnectFailure,
+        ),
+        ("no healthy upstream", Failure::ConnectFailure),
+        (
+            "upstream connect error or disconnect/reset before headers. reset reason: connection termination",
+            Failure::Reset,
+        ),
+        ("upstream=gcp\n", Failure::Status5xx),
+        (r#"{"error":"model failed"}"#, Failure::Status5xx),
+        ("", Failure::Status5xx),
+    ];
+    for (body, want) in cases {
+        assert_eq!(Failure::from_callout_body(body.as_bytes()), *want, "{body}");
+    }
+}
