@@ -21,7 +21,10 @@
 #                   300-byte JSON body; paired with native-post, the same
 #                   POSTs through weighted_clusters), router+canary, and
 #                   router-post (router-body's filter, the same POST sent to
-#                   a pinned path: the body is not read))
+#                   a pinned path: the body is not read); and the failover
+#                   ones: failover (alone, routes on x-infermesh-cloud),
+#                   failover-post (the POST body copied for replay; paired
+#                   with native-post), router+canary+failover (the chain))
 #   REBUILD_CANARY=1  rebuild dist/*.wasm with ./wasm-build.sh even if present
 #   BASE_PORT=28080 loopback ports BASE_PORT..BASE_PORT+10
 #   NICE=-10        nice level of Envoy, load and upstream (0 when not root)
@@ -37,7 +40,7 @@ if ! command -v wrk >/dev/null 2>&1; then
 fi
 command -v taskset >/dev/null || { echo "filters.sh: taskset (util-linux) is missing" >&2; exit 1; }
 [ -x .tools/bin/envoy ] || scripts/tools.sh envoy
-if [ "${REBUILD_CANARY:-0}" = 1 ] || [ ! -f dist/canary.wasm ] || [ ! -f dist/model-router.wasm ]; then
+if [ "${REBUILD_CANARY:-0}" = 1 ] || [ ! -f dist/canary.wasm ] || [ ! -f dist/model-router.wasm ] || [ ! -f dist/failover.wasm ]; then
   ./wasm-build.sh
 fi
 

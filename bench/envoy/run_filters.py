@@ -44,6 +44,7 @@ TOOLS = os.environ.get("BENCH_TOOLS", os.path.join(ROOT, "target", "release", "b
 WASM_DIR = os.environ.get("BENCH_WASM_DIR", os.path.join(RESULTS, "wasm"))
 CANARY_WASM = os.environ.get("CANARY_WASM", os.path.join(ROOT, "dist", "canary.wasm"))
 ROUTER_WASM = os.environ.get("ROUTER_WASM", os.path.join(ROOT, "dist", "model-router.wasm"))
+FAILOVER_WASM = os.environ.get("FAILOVER_WASM", os.path.join(ROOT, "dist", "failover.wasm"))
 
 ROUNDS = int(os.environ.get("ROUNDS", "5"))
 DURATION = int(os.environ.get("DURATION", "10"))
@@ -86,6 +87,15 @@ ROUTER_CFG = {"models": [{"name": "digits-mlp", "versions": ["1", "2"]}]}
 ROUTER_BODY_CFG = {**ROUTER_CFG, "default_model": "digits-mlp",
                    "body": {"version_pointer": "/parameters/model_version"}}
 BODY_PATH = "/predict"
+# failover: three clouds on the three bench clusters, all healthy; probes
+# every 5 minutes (one round at start), so the load windows measure the
+# per-request path: pick, header, route cache, body copy, served-by.
+FAILOVER_CFG = {
+    "clouds": [{"name": "aws", "cluster": "v1", "priority": 0},
+               {"name": "gcp", "cluster": "v2", "priority": 1},
+               {"name": "azure", "cluster": "default", "priority": 2}],
+    "health": {"probe": {"interval_ms": 300000, "timeout_ms": 1000}},
+}
 
 
 def body_for(k, version):
@@ -136,6 +146,7 @@ def wasm1(wasm, cfg, root_id="bench"):
 
 
 CANARY = lambda cfg: Filter(CANARY_WASM, json.dumps(cfg), "canary")  # noqa: E731
+FAILOVER = lambda cfg: Filter(FAILOVER_WASM, json.dumps(cfg), "failover")  # noqa: E731
 
 ALL_VARIANTS = {
     "native": Variant([], "weighted", "get", "native", "Envoy weighted_clusters 90/10, no Wasm"),
@@ -172,6 +183,16 @@ ALL_VARIANTS = {
     "router+canary": Variant([Filter(ROUTER_WASM, json.dumps(ROUTER_CFG), "model-router"),
                               CANARY({**CANARY_CFG, "trust_downstream_headers": True})], "header", "get", "native",
                              "model-router then canary (trust_downstream_headers), unpinned GET"),
+    # failover (dist/failover.wasm): routes match x-infermesh-cloud.
+    "failover": Variant([FAILOVER(FAILOVER_CFG)], "cloud", "get", "native",
+                        "failover alone, 3 healthy clouds; aws's route is weighted_clusters 90/10"),
+    "failover-post": Variant([FAILOVER(FAILOVER_CFG)], "cloud", "post", "native-post",
+                             "failover, POST /predict with the 300-byte body (copied for replay)"),
+    "router+canary+failover": Variant([Filter(ROUTER_WASM, json.dumps(ROUTER_CFG), "model-router"),
+                                       CANARY({**CANARY_CFG, "trust_downstream_headers": True}),
+                                       FAILOVER({**FAILOVER_CFG, "trust_downstream_headers": True})],
+                                      "cloud+version", "get", "native",
+                                      "the three filters, unpinned GET; routes match cloud and version"),
 }
 
 
@@ -192,6 +213,22 @@ def envoy_config(variant):
                 route:
                   weighted_clusters:
                     clusters: [{name: v1, weight: 90}, {name: v2, weight: 10}]
+"""
+    elif var.routes == "cloud":
+        route_yaml = """              - match: {prefix: "/", headers: [{name: x-infermesh-cloud, string_match: {exact: aws}}]}
+                route:
+                  weighted_clusters:
+                    clusters: [{name: v1, weight: 90}, {name: v2, weight: 10}]
+              - match: {prefix: "/"}
+                route: {cluster: default}
+"""
+    elif var.routes == "cloud+version":
+        route_yaml = """              - match: {prefix: "/", headers: [{name: x-infermesh-cloud, string_match: {exact: aws}}, {name: x-infermesh-version, string_match: {exact: "1"}}]}
+                route: {cluster: v1}
+              - match: {prefix: "/", headers: [{name: x-infermesh-cloud, string_match: {exact: aws}}, {name: x-infermesh-version, string_match: {exact: "2"}}]}
+                route: {cluster: v2}
+              - match: {prefix: "/"}
+                route: {cluster: default}
 """
     else:
         route_yaml = """              - match: {prefix: "/", headers: [{name: x-infermesh-version, string_match: {exact: "1"}}]}
@@ -484,13 +521,16 @@ def check_routing(variant):
         seen[f"{method} {path} {(body or '')[40:70]}"] = [status, served_by, reached]
         if status != 200 or b"digits-mlp" not in resp:
             problems.append(f"{method} {path}: {status} {resp[:200]!r}")
-        elif var.routes == "weighted":
+        elif var.routes in ("weighted", "cloud"):
             # native-post routes the body requests at random: any version.
             if reached not in ("v1", "v2"):
                 problems.append(f"{method} {path}: reached {reached}")
+            if var.routes == "cloud" and (served_by or "").rsplit("@", 1)[-1] != "aws":
+                problems.append(f"{method} {path}: served-by {served_by}, want ...@aws")
         elif (var.routes == "header" and want is not None and reached != want) or reached == "default":
             problems.append(f"{method} {path}: reached {reached}, want {want or 'v1 or v2'}")
-        elif served_by is not None and f"v{served_by.rsplit('/', 1)[-1]}" != reached:
+        elif served_by is not None and "/" in served_by and \
+                f"v{served_by.split('@', 1)[0].rsplit('/', 1)[-1]}" != reached:
             problems.append(f"{method} {path}: served-by {served_by} but reached {reached}")
         elif routers and served_by is None:
             # Every probe here names a version (or the canary picks one).
@@ -552,6 +592,8 @@ def one_run(variant, rnd, workdir):
     load0 = loadavg()
     p = start_envoy(variant, workdir)
     try:
+        if any(f.wasm == FAILOVER_WASM for f in ALL_VARIANTS[variant].filters):
+            time.sleep(0.5)  # the start-up probe round, out of the hit counts
         probes = check_routing(variant)
         run_wrk(WARMUP, variant)  # V8 tiering, connection setup, caches
         with Window(p.pid) as w:
