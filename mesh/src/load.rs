@@ -108,6 +108,8 @@ pub struct Record {
     pub served_by: Option<String>,
     /// The cloud derived from `served_by`.
     pub cloud: Option<String>,
+    /// The start of the body of a non-2xx answer (who refused, and why).
+    pub error_body: Option<String>,
 }
 
 impl Record {
@@ -132,6 +134,7 @@ impl Record {
             "error": self.error,
             "served_by": self.served_by,
             "cloud": self.cloud,
+            "error_body": self.error_body,
         })
     }
 }
@@ -208,6 +211,7 @@ where
                 error: None,
                 served_by: None,
                 cloud: None,
+                error_body: None,
             };
             if in_flight.fetch_add(1, Ordering::AcqRel) >= plan.max_in_flight {
                 rec.error = Some(format!(
@@ -216,8 +220,9 @@ where
                 ));
             } else {
                 match tokio::time::timeout(plan.timeout, send(&plan, &pool, req)).await {
-                    Ok(Ok((status, served_by))) => {
+                    Ok(Ok((status, served_by, error_body))) => {
                         rec.status = Some(status);
+                        rec.error_body = error_body;
                         rec.cloud = served_by.as_deref().map(|v| plan.cloud_of.cloud(v));
                         rec.served_by = served_by;
                     }
@@ -243,20 +248,25 @@ where
                 error: Some(format!("request task failed: {e}")),
                 served_by: None,
                 cloud: None,
+                error_body: None,
             }),
         }
     }
     out
 }
 
-/// Sends `req` on a pooled connection (or a new one); returns the status
-/// and the served-by header value. The connection goes back to the pool
-/// only after a complete answer that does not close it.
+/// Bytes of a non-2xx body kept in its record.
+const ERROR_BODY_BYTES: usize = 256;
+
+/// Sends `req` on a pooled connection (or a new one); returns the status,
+/// the served-by header value and, for a non-2xx answer, the start of its
+/// body. The connection goes back to the pool only after a complete answer
+/// that does not close it.
 async fn send(
     plan: &Plan,
     pool: &Mutex<Vec<Sender>>,
     req: Req,
-) -> Result<(u16, Option<String>), String> {
+) -> Result<(u16, Option<String>, Option<String>), String> {
     let idle = loop {
         let Some(s) = pool.lock().unwrap_or_else(|e| e.into_inner()).pop() else {
             break None;
@@ -288,9 +298,14 @@ async fn send(
         .await
         .map_err(|e| format!("sending failed: {e}"))?;
     let (parts, body) = resp.into_parts();
-    body.collect()
+    let body = body
+        .collect()
         .await
-        .map_err(|e| format!("reading the body failed: {e}"))?;
+        .map_err(|e| format!("reading the body failed: {e}"))?
+        .to_bytes();
+    let error_body = (!parts.status.is_success()).then(|| {
+        String::from_utf8_lossy(body.get(..ERROR_BODY_BYTES).unwrap_or(&body)).into_owned()
+    });
     let served_by = parts
         .headers
         .get(plan.served_by_header.as_str())
@@ -302,7 +317,7 @@ async fn send(
     if !closing {
         pool.lock().unwrap_or_else(|e| e.into_inner()).push(sender);
     }
-    Ok((parts.status.as_u16(), served_by))
+    Ok((parts.status.as_u16(), served_by, error_body))
 }
 
 async fn connect(addr: SocketAddr) -> Result<Sender, String> {

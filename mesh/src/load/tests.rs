@@ -12,6 +12,7 @@ fn rec(seq: u64, start_ms: f64, latency_ms: f64, status: Option<u16>, cloud: &st
         error: status.is_none().then(|| "reset".to_owned()),
         served_by: status.map(|_| format!("digits-mlp@2@{cloud}")),
         cloud: status.map(|_| cloud.to_owned()),
+        error_body: None,
     }
 }
 
@@ -148,7 +149,8 @@ fn per_second_buckets_by_cloud() {
     assert_eq!(buckets[&2]["gcp"], 10);
 }
 
-/// A server answering `/slow` after 1 s and anything else at once, with
+/// A server answering `/slow` after 1 s, `/503` with a 503 and 1,000
+/// bytes, anything else at once with 200; always with
 /// `x-infermesh-served-by: m@1@local`.
 async fn slow_server() -> SocketAddr {
     use hyper::service::service_fn;
@@ -164,9 +166,14 @@ async fn slow_server() -> SocketAddr {
                     if req.uri().path() == "/slow" {
                         tokio::time::sleep(Duration::from_secs(1)).await;
                     }
+                    let (status, body) = match req.uri().path() {
+                        "/503" => (503, Bytes::from(vec![b'x'; 1_000])),
+                        _ => (200, Bytes::from_static(b"{}")),
+                    };
                     hyper::Response::builder()
+                        .status(status)
                         .header("x-infermesh-served-by", "m@1@local")
-                        .body(Full::new(Bytes::from_static(b"{}")))
+                        .body(Full::new(body))
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(tcp), svc)
