@@ -11,12 +11,15 @@ use crate::{Outcome, PRIMARY};
 /// Envoy's outlier detection lets live traffic re-probe an ejected host).
 const AT_FAULT_MS: f64 = 30_000.0;
 const LATER_END_MS: f64 = 60_000.0;
+/// "Clean" = answered by another cloud within this, as before the fault.
+const CLEAN_MS: f64 = 100.0;
 
 struct Figures {
     all: Summary,
     at_fault: Summary,
     later: Option<Summary>,
     switch_ms: Option<f64>,
+    clean_ms: Option<f64>,
     fault_switches: usize,
     return_ms: Option<f64>,
     return_switches: usize,
@@ -34,6 +37,9 @@ fn figures(o: &Outcome) -> Figures {
             .then(|| load::summarize(load::window(r, fault_end, later_end))),
         switch_ms: load::settle_ms(r, o.fault_ms, o.back_ms, |x: &Record| {
             x.ok() && x.cloud.as_deref().is_some_and(|c| c != PRIMARY)
+        }),
+        clean_ms: load::settle_ms(r, o.fault_ms, o.back_ms, |x: &Record| {
+            x.ok() && x.latency_ms <= CLEAN_MS && x.cloud.as_deref().is_some_and(|c| c != PRIMARY)
         }),
         fault_switches: load::switches(r, o.fault_ms, o.back_ms),
         return_ms: load::settle_ms(r, o.back_ready_ms, o.end_ms, |x: &Record| {
@@ -71,6 +77,7 @@ pub(crate) fn to_json(o: &Outcome) -> Value {
         "at_fault": summary_json(&f.at_fault),
         "later": f.later.as_ref().map(summary_json),
         "switch_ms": f.switch_ms,
+        "clean_ms": f.clean_ms,
         "fault_switches": f.fault_switches,
         "return_ms": f.return_ms,
         "return_switches": f.return_switches,
@@ -88,7 +95,7 @@ fn secs(ms: Option<f64>) -> String {
 pub(crate) fn row(o: &Outcome) -> String {
     let f = figures(o);
     format!(
-        "  {} {}: {} requests, {} errors, {} >100ms, {} >250ms, max {:.0} ms; switch {}, return {} ({} switches); load {} -> {}",
+        "  {} {}: {} requests, {} errors, {} >100ms, {} >250ms, max {:.0} ms; switch {}, clean {}, return {} ({} switches); load {} -> {}",
         o.variant.name(),
         o.scenario.name(),
         f.all.requests,
@@ -97,6 +104,7 @@ pub(crate) fn row(o: &Outcome) -> String {
         f.all.over_250ms,
         f.all.max_ms,
         secs(f.switch_ms),
+        secs(f.clean_ms),
         secs(f.return_ms),
         f.return_switches,
         o.loadavg_before,
@@ -109,17 +117,17 @@ pub(crate) fn table(outcomes: &[Outcome]) -> String {
     let mut t = String::new();
     let _ = writeln!(
         t,
-        "| variant | scenario | requests | errors | >100 ms | >250 ms | max ms | p50 / p99 ms | switch time | switches during fault | return time | switches after return | client lag max ms | load avg before → after |"
+        "| variant | scenario | requests | errors | >100 ms | >250 ms | max ms | p50 / p99 ms | switch time | clean after | switches during fault | return time | switches after return | client lag max ms | load avg before → after |"
     );
     let _ = writeln!(
         t,
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     );
     for o in outcomes {
         let f = figures(o);
         let _ = writeln!(
             t,
-            "| {} | {} | {} | {} | {} | {} | {:.0} | {:.1} / {:.1} | {} | {} | {} | {} | {:.1} | {} → {} |",
+            "| {} | {} | {} | {} | {} | {} | {:.0} | {:.1} / {:.1} | {} | {} | {} | {} | {} | {:.1} | {} → {} |",
             o.variant.name(),
             o.scenario.name(),
             f.all.requests,
@@ -130,6 +138,7 @@ pub(crate) fn table(outcomes: &[Outcome]) -> String {
             f.all.p50_ms,
             f.all.p99_ms,
             secs(f.switch_ms),
+            secs(f.clean_ms),
             f.fault_switches,
             secs(f.return_ms),
             f.return_switches,
