@@ -404,9 +404,11 @@ async fn failover_act(mesh: &mut LocalMesh, body: &[u8], out: &mut String) -> Re
             "   first error: request {} at {:.0} ms: {}",
             bad.seq,
             bad.start_ms,
-            bad.error
-                .clone()
-                .unwrap_or_else(|| format!("status {:?}", bad.status))
+            bad.error.clone().unwrap_or_else(|| format!(
+                "status {:?} {}",
+                bad.status,
+                bad.error_body.as_deref().unwrap_or("")
+            ))
         );
     }
     let named = records
