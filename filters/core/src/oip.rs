@@ -67,8 +67,7 @@ pub fn parse_path(path: &[u8]) -> Option<ModelPath> {
 pub fn with_version(original: &[u8], p: &ModelPath, version: &str) -> Option<String> {
     let plain = |s: &str| {
         !s.is_empty()
-            && s
-                .bytes()
+            && s.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
     };
     if !plain(&p.model) || !plain(version) {

@@ -278,7 +278,6 @@ fn miss(policy: Unknown, miss: Miss, message: String) -> Decision {
     }
 }
 
-
 /// The OIP-style JSON error body for a rejection.
 pub fn error_body(message: &str) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({ "error": message }))
