@@ -132,7 +132,11 @@ impl Rig {
                 .await
                 .get("infermesh_failover_cloud_healthy", &[("cloud", cloud)]);
             if v == Some(if healthy { 1.0 } else { 0.0 }) {
-                return t0.elapsed();
+                let took = t0.elapsed();
+                // The gauge shows the first VM that saw the change; every
+                // worker re-reads the shared records within 50 ms.
+                tokio::time::sleep(Duration::from_millis(120)).await;
+                return took;
             }
             assert!(
                 t0.elapsed() < within,
@@ -785,4 +789,101 @@ async fn try_timeouts_replay_and_the_deadline_holds() {
         dump(&stats)
     );
     assert_vm_healthy(&[r], &rig.envoy.log());
+}
+
+/// Hostile requests: odd residency values, bytes that are not UTF-8,
+/// huge headers, broken OIP paths, spoofed cloud headers, replayed while
+/// the first cloud fails. Each gets an answer; none traps the VM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_requests_get_answers_and_never_trap_the_vm() {
+    let _bin = require_envoy!("hostile_requests_get_answers_and_never_trap_the_vm");
+    // aws answers 503 throughout and stays in (no hedging, no ejection),
+    // so every case meets the replay decision.
+    let mut cfg = config();
+    cfg["hedge"] = json!({"enabled": false});
+    cfg["health"] = json!({"probe": {"interval_ms": 10000, "timeout_ms": 5000},
+                           "passive": {"consecutive_failures": 1000}});
+    let rig = Rig::start(cfg).await;
+    rig.cloud("aws").set_mode(Mode::Status(503));
+    let long = "e".repeat(8_000);
+    // (request, status wanted, cloud wanted or "-")
+    let cases: Vec<(Req, u16, &str)> = vec![
+        (infer(Some(" EU ")), 200, "gcp"),
+        (infer(Some(&long)), 503, "-"),
+        (
+            infer(None).header("x-data-residency", b"\xff\xfeeu"),
+            503,
+            "-",
+        ),
+        (infer(None).header("x-data-residency", ""), 200, "gcp"),
+        (
+            infer(None)
+                .header("x-trace", b"\xff\xfe\x80")
+                .header(CLOUD, "azure"),
+            200,
+            "gcp",
+        ),
+        (infer(None).header("x-infermesh-cloud", b"\xff"), 200, "gcp"),
+        // Not OIP paths, so a POST there is not idempotent: aws's 503
+        // stands (it reached aws).
+        (
+            Req::post("/v2/models/%ff%fe/infer", infer_body()),
+            503,
+            "aws",
+        ),
+        (
+            Req::post("/v2/models//versions//infer", infer_body()),
+            503,
+            "aws",
+        ),
+        (Req::get("/v2/models/digits-mlp/ready?x=%00"), 200, "gcp"),
+        (Req::post(INFER, Vec::new()), 200, "gcp"),
+        (Req::post(INFER, vec![0xffu8; 60_000]), 200, "gcp"),
+    ];
+    let mut resps = Vec::new();
+    for (i, (req, status, cloud)) in cases.into_iter().enumerate() {
+        let r = rig.send(req).await;
+        assert_eq!(r.status, status, "case {i}: {}", r.text());
+        if cloud != "-" {
+            assert_eq!(answered_by(&r), cloud, "case {i}");
+        } else {
+            let body: serde_json::Value =
+                serde_json::from_str(&r.text()).unwrap_or_else(|e| panic!("case {i}: {e}"));
+            assert!(body["error"].is_string(), "case {i}: {body}");
+            assert!(
+                body["residency"]["value"]
+                    .as_str()
+                    .is_some_and(|v| v.len() <= 64),
+                "case {i}: the echoed value is capped: {body}"
+            );
+        }
+        resps.push(r);
+    }
+    // The non-UTF-8 header was left out of the replay; the spoofed cloud
+    // header was replaced.
+    let seen = rig.cloud("gcp").seen();
+    let traced = seen
+        .iter()
+        .find(|s| {
+            s.header(CLOUD).as_deref() == Some("gcp")
+                && s.path == INFER
+                && s.headers.contains_key("content-type")
+        })
+        .expect("gcp saw replays");
+    assert!(!traced.headers.contains_key("x-trace"));
+    assert!(seen
+        .iter()
+        .all(|s| s.header(CLOUD).as_deref() != Some("azure")));
+    // 200 headers: within Envoy's raised limit, copied for the replay.
+    let mut many = infer(None);
+    for i in 0..200 {
+        many = many.header(&format!("x-h{i}"), "v");
+    }
+    let r = rig.send(many).await;
+    assert_eq!(
+        r.status, 431,
+        "Envoy's own header limit (100) answers first"
+    );
+    resps.push(r);
+    assert_vm_healthy(&resps, &rig.envoy.log());
 }
