@@ -202,6 +202,10 @@ impl Native {
             c["health_checks"] = json!([{
                 "timeout": ms(hc.timeout_ms),
                 "interval": ms(hc.interval_ms),
+                // Without this the first checks after start, before any
+                // traffic, schedule the next ones 60 s later (Envoy's
+                // default no-traffic interval).
+                "no_traffic_interval": ms(hc.interval_ms),
                 "unhealthy_threshold": hc.unhealthy_threshold,
                 "healthy_threshold": hc.healthy_threshold,
                 "http_health_check": {"path": "/v2/health/ready"},
@@ -282,6 +286,7 @@ mod tests {
             json!(["aws", "gcp"])
         );
         assert_eq!(cs[0]["health_checks"][0]["interval"], "0.500s");
+        assert_eq!(cs[0]["health_checks"][0]["no_traffic_interval"], "0.500s");
         assert!(cs[2].get("health_checks").is_none());
     }
 }
