@@ -350,6 +350,14 @@ async fn run_one(args: &Args, variant: Variant, scenario: Scenario) -> Result<Ou
         Scenario::Kill => primary.kill(),
         Scenario::Hang => primary.stop().map_err(|e| anyhow!(e))?,
     }
+    // Envoy's view of the hosts (health flags, outlier ejections) while
+    // the fault lasts, for reading the numbers afterwards.
+    run.sleep_until(Duration::from_secs_f64((fault_s + back_s) / 2.0))
+        .await;
+    let clusters = envoy.admin_get("/clusters").await;
+    std::fs::write(logs.join("clusters-during-fault.txt"), &clusters.body)?;
+    let hc = envoy.admin_get("/stats?filter=health_check|outlier").await;
+    std::fs::write(logs.join("stats-during-fault.txt"), &hc.body)?;
     run.sleep_until(Duration::from_secs_f64(back_s)).await;
     let back_ms = run.elapsed_ms();
     match scenario {
