@@ -62,6 +62,13 @@ const NAMES: [&str; 3] = ["aws", "gcp", "azure"];
 
 impl Rig {
     async fn start(config: serde_json::Value) -> Rig {
+        Rig::start_with(config, false).await
+    }
+
+    /// `allow_stop`: the Wasm filter's `allow_on_headers_stop_iteration`,
+    /// under which Envoy honours a StopIteration from the headers callback
+    /// instead of turning it into StopAll.
+    async fn start_with(config: serde_json::Value, allow_stop: bool) -> Rig {
         filter_core::config::failover::parse(config.to_string().as_bytes())
             .expect("the test's failover config");
         let mut clouds = Vec::new();
@@ -76,11 +83,14 @@ impl Rig {
                 .cluster(&cluster, up.addr)
                 .route_header(CLOUD, &up.name, &cluster);
         }
-        b = b.default_route("cloud-aws").wasm(WasmFilter::new(
-            "infermesh-failover",
-            &e2e::wasm::build("filter-failover"),
-            config.to_string(),
-        ));
+        b = b.default_route("cloud-aws").wasm(
+            WasmFilter::new(
+                "infermesh-failover",
+                &e2e::wasm::build("filter-failover"),
+                config.to_string(),
+            )
+            .allow_on_headers_stop_iteration(allow_stop),
+        );
         let envoy = Envoy::start(&b).await;
         Rig { envoy, clouds }
     }
@@ -239,7 +249,16 @@ async fn picks_by_priority_and_says_who_served() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_5xx_is_replayed_to_the_next_cloud() {
     let _bin = require_envoy!("a_5xx_is_replayed_to_the_next_cloud");
-    let rig = Rig::start(config()).await;
+    for allow_stop in [false, true] {
+        replay_a_5xx(allow_stop).await;
+    }
+}
+
+/// With or without `allow_on_headers_stop_iteration` (a user may set it
+/// for every filter): the held failure, body included, must not escape
+/// while the replay runs.
+async fn replay_a_5xx(allow_stop: bool) {
+    let rig = Rig::start_with(config(), allow_stop).await;
     rig.cloud("aws").set_mode(Mode::Status(500));
     let r = rig
         .send(infer(Some("eu")).header("x-request-id", "abc-1"))

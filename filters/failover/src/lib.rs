@@ -1073,6 +1073,26 @@ impl HttpContext for FailoverStream {
         Action::Continue
     }
 
+    fn on_http_response_body(&mut self, _body_size: usize, _end_of_stream: bool) -> Action {
+        // A held failure keeps its body too: with
+        // `allow_on_headers_stop_iteration` Envoy honours the headers'
+        // StopIteration, and a body callback answering Continue would let
+        // the failure out while its replay runs.
+        if self.holding() {
+            Action::Pause
+        } else {
+            Action::Continue
+        }
+    }
+
+    fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
+        if self.holding() {
+            Action::Pause
+        } else {
+            Action::Continue
+        }
+    }
+
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let (Some(shared), Some(f)) = (self.shared.clone(), self.flight.clone()) else {
             return Action::Continue;
@@ -1143,6 +1163,13 @@ impl HttpContext for FailoverStream {
 }
 
 impl FailoverStream {
+    /// True while a failed first response is held for a replay.
+    fn holding(&self) -> bool {
+        self.flight
+            .as_ref()
+            .is_some_and(|f| matches!(f.try_borrow(), Ok(fl) if fl.held && !fl.replied))
+    }
+
     /// Headers on a response that passes through: who served it, and
     /// whether it could have been replayed.
     fn finish_response(&self, shared: &Shared, cloud: usize) {
