@@ -394,9 +394,23 @@ async fn main() -> Result<()> {
         loadavg()
     );
     let mut outcomes = Vec::new();
+    // Ctrl-C drops the run in progress, and with it its sidecars and Envoy
+    // (their guards kill the processes); finished runs are still reported.
+    tokio::select! {
+        r = run_all(&args, &mut outcomes) => r?,
+        _ = tokio::signal::ctrl_c() => eprintln!("failover-bench: interrupted"),
+    }
+    let table = report::table(&outcomes);
+    std::fs::write(args.out.join("table.md"), &table)?;
+    println!("{table}");
+    Ok(())
+}
+
+/// Every scenario × variant; a failed run is reported and skipped.
+async fn run_all(args: &Args, outcomes: &mut Vec<Outcome>) -> Result<()> {
     for &scenario in &args.scenarios {
         for &variant in &args.variants {
-            match run_one(&args, variant, scenario).await {
+            match run_one(args, variant, scenario).await {
                 Ok(o) => {
                     let file =
                         args.out
@@ -413,8 +427,5 @@ async fn main() -> Result<()> {
             }
         }
     }
-    let table = report::table(&outcomes);
-    std::fs::write(args.out.join("table.md"), &table)?;
-    println!("{table}");
     Ok(())
 }
