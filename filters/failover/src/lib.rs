@@ -923,7 +923,10 @@ impl HttpContext for FailoverStream {
         let cfg = &shared.cfg;
 
         // One read of the header map: to strip spoofed x-infermesh-*
-        // headers and to keep a copy for replays.
+        // headers and to keep a copy for replays. The copy must be taken
+        // now: Envoy lets a filter read the request headers only during
+        // this callback (a later read, e.g. when a replay starts, sees an
+        // empty map).
         let mut request_headers = self.get_http_request_headers_bytes();
         if !cfg.trust_downstream_headers {
             let mut stripped = 0;
