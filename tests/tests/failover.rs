@@ -906,3 +906,45 @@ async fn hostile_requests_get_answers_and_never_trap_the_vm() {
     resps.push(r);
     assert_vm_healthy(&resps, &rig.envoy.log());
 }
+
+/// A slow upload is not the cloud's fault: try timeouts and hedge delays
+/// start when the request is complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_upload_is_not_a_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _bin = require_envoy!("a_slow_upload_is_not_a_timeout");
+    let mut cfg = config();
+    cfg["replay"] = json!({"per_try_timeout_ms": 300, "total_deadline_ms": 600});
+    cfg["hedge"] = json!({"delay_ms": 50});
+    let rig = Rig::start(cfg).await;
+    let body = infer_body();
+    let mut tcp = tokio::net::TcpStream::connect(rig.envoy.listener)
+        .await
+        .expect("connect");
+    let head = format!(
+        "POST {INFER} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    tcp.write_all(head.as_bytes()).await.expect("write head");
+    let (first, rest) = body.split_at(body.len() / 2);
+    tcp.write_all(first).await.expect("write half");
+    // Longer than the try timeout, the hedge delay and the deadline.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    tcp.write_all(rest).await.expect("write rest");
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut answer))
+        .await
+        .expect("an answer")
+        .expect("read");
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("x-infermesh-served-by: @aws"), "{text}");
+    assert!(!text.contains("x-infermesh-failover"), "{text}");
+    let seen = rig.cloud("aws").seen();
+    let got = seen.iter().find(|s| s.path == INFER).expect("aws saw it");
+    assert_eq!(got.body_digest, digest(&body));
+    assert_eq!(rig.infers("gcp"), 0, "no hedge, no replay");
+    let stats = rig.stats().await;
+    assert_eq!(stats.sum(FAILURES, &[]), 0.0, "{}", dump(&stats));
+    assert_eq!(stats.sum(GIVE_UPS, &[]), 0.0, "{}", dump(&stats));
+}

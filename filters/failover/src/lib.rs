@@ -14,7 +14,10 @@
 //! another cluster, and a route cannot be re-picked once the request went
 //! upstream. A hedge is the same callout, started from the root context's
 //! tick when the first try is slower than the hedge delay; whichever
-//! answers first wins, and Envoy resets the other when the reply goes out.
+//! answers first wins. When a callout wins, Envoy resets the routed try as
+//! the reply goes out; a losing callout runs to its end (proxy-wasm cannot
+//! cancel one) and only its health signal is kept. Try timeouts, hedge
+//! delays and the total deadline start when the request body is complete.
 //! Losing a hedge race is not a failure (a stalled proxy makes every cloud
 //! late); a hung cloud leaves by its try timeout and its probes, and until
 //! then every request to it is hedged.
@@ -39,7 +42,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
 use std::time::Duration;
 
-use filter_core::config::failover::FailoverConfig;
+use filter_core::config::failover::{FailoverConfig, HedgeDelay};
 use filter_core::failover::attempts::{self, Attempts, Body, GiveUp, Next};
 use filter_core::failover::health::{self, Record, Update};
 use filter_core::failover::latency::{hedge_delay_ms, LatencyTracker};
@@ -134,6 +137,9 @@ struct Flight {
     headers: Vec<(String, Bytes)>,
     body: Vec<u8>,
     body_state: Body,
+    /// The whole request went upstream: the timers run.
+    request_complete: bool,
+    hedge_policy: Option<HedgeDelay>,
     /// The try Envoy routed has not answered and was not abandoned.
     routed_live: bool,
     routed_deadline_ms: u64,
@@ -281,6 +287,29 @@ impl Shared {
             return;
         }
         self.update(cloud, |r| r.on_live_result(passive, now, ok));
+    }
+
+    /// The whole request went upstream at `now`: the total deadline, the
+    /// routed try's timeout and the hedge delay start here, as Envoy's own
+    /// try timeouts do (a slow upload is not the cloud's fault).
+    fn request_complete(&self, fl: &mut Flight, now: u64) {
+        fl.request_complete = true;
+        fl.attempts.start_clock(now);
+        fl.started_ms = now;
+        fl.deadline_ms = fl.attempts.deadline_ms(&self.cfg);
+        if fl.routed_live {
+            fl.routed_deadline_ms = now
+                .saturating_add(self.cfg.replay.per_try_timeout_ms)
+                .min(fl.deadline_ms);
+            fl.hedge_at_ms = fl.hedge_policy.as_ref().map(|policy| {
+                let delay = self
+                    .latency
+                    .borrow()
+                    .get(fl.first)
+                    .map_or(0, |t| hedge_delay_ms(policy, t));
+                now.saturating_add(delay)
+            });
+        }
     }
 
     fn record_latency(&self, cloud: usize, ms: u64) {
@@ -523,7 +552,7 @@ impl Shared {
                             !fl.replied && fl.attempts.on_answer(cloud) == attempts::Answer::Use
                         };
                         if wins {
-                            self.reply_from_callout(&f, cloud, s, kind, body_size);
+                            self.reply_from_callout(&f, cloud, s, kind, body_size, now);
                         }
                     }
                     _ => {
@@ -571,6 +600,7 @@ impl Shared {
         status: u32,
         kind: TryKind,
         body_size: usize,
+        now: u64,
     ) {
         let resp_headers =
             hostcalls::get_map_bytes(MapType::HttpCallResponseHeaders).unwrap_or_default();
@@ -611,6 +641,12 @@ impl Shared {
         };
         out.push((FAILOVER_HEADER, how));
         self.metrics.request(cloud, outcome);
+        if kind == TryKind::Hedge {
+            // The slow cloud's time is at least this: without it the
+            // derived delay would only see fast answers and shrink.
+            let started = f.borrow().started_ms;
+            self.record_latency(first, now.saturating_sub(started));
+        }
         debug!(
             "infermesh failover: {how} to {} after {} failed or was slow",
             self.cloud_name(cloud),
@@ -741,8 +777,8 @@ impl Shared {
                     // and its probes; until then hedges hide it.
                     self.act(f, next, TryKind::Hedge, now);
                 }
-                Next::GiveUp(GiveUp::Answered | GiveUp::NotHedgeable) | Next::Wait => {}
-                Next::GiveUp(reason) => self.metrics.give_up(reason),
+                // A hedge that cannot go out is not a request giving up.
+                Next::GiveUp(_) | Next::Wait => {}
             }
         }
     }
@@ -996,15 +1032,6 @@ impl HttpContext for FailoverStream {
             Body::Incomplete
         };
         attempts.set_body(body_state);
-        let hedge_at_ms = class.hedge.as_ref().map(|policy| {
-            let delay = shared
-                .latency
-                .borrow()
-                .get(first)
-                .map_or(0, |t| hedge_delay_ms(policy, t));
-            now.saturating_add(delay)
-        });
-        let deadline_ms = attempts.deadline_ms(cfg);
         // Keep our own header in the copy: replays overwrite it anyway.
         request_headers.push((headers::CLOUD.to_owned(), cloud.name.as_bytes().to_vec()));
         let flight = Rc::new(RefCell::new(Flight {
@@ -1016,16 +1043,21 @@ impl HttpContext for FailoverStream {
             headers: request_headers,
             body: Vec::new(),
             body_state,
+            request_complete: false,
+            hedge_policy: class.hedge,
             routed_live: true,
-            routed_deadline_ms: now
-                .saturating_add(cfg.replay.per_try_timeout_ms)
-                .min(deadline_ms),
-            deadline_ms,
-            hedge_at_ms,
+            // Set when the request is complete (below, or when its body or
+            // trailers end).
+            routed_deadline_ms: u64::MAX,
+            deadline_ms: u64::MAX,
+            hedge_at_ms: None,
             held: false,
             replied: false,
             failures: Vec::new(),
         }));
+        if end_of_stream {
+            shared.request_complete(&mut flight.borrow_mut(), now);
+        }
         shared
             .flights
             .borrow_mut()
@@ -1040,37 +1072,45 @@ impl HttpContext for FailoverStream {
             return Action::Continue;
         };
         let mut fl = f.borrow_mut();
-        if fl.body_state != Body::Incomplete {
+        if fl.replied {
             return Action::Continue;
         }
-        if !attempts::may_buffer(&shared.cfg, fl.body.len().saturating_add(body_size)) {
-            fl.body = Vec::new();
-            fl.body_state = Body::TooLarge;
-            fl.attempts.set_body(Body::TooLarge);
-            shared.metrics.not_buffered();
-            self.not_buffered = true;
-            return Action::Continue;
-        }
-        if body_size > 0 {
-            if let Some(chunk) = self.get_http_request_body(0, body_size) {
-                fl.body.extend_from_slice(&chunk);
+        if fl.body_state == Body::Incomplete {
+            if attempts::may_buffer(&shared.cfg, fl.body.len().saturating_add(body_size)) {
+                if body_size > 0 {
+                    if let Some(chunk) = self.get_http_request_body(0, body_size) {
+                        fl.body.extend_from_slice(&chunk);
+                    }
+                }
+                if end_of_stream {
+                    let state = Body::Complete(fl.body.len());
+                    fl.body_state = state;
+                    fl.attempts.set_body(state);
+                }
+            } else {
+                fl.body = Vec::new();
+                fl.body_state = Body::TooLarge;
+                fl.attempts.set_body(Body::TooLarge);
+                shared.metrics.not_buffered();
+                self.not_buffered = true;
             }
         }
-        if end_of_stream {
-            let state = Body::Complete(fl.body.len());
-            fl.body_state = state;
-            fl.attempts.set_body(state);
+        if end_of_stream && !fl.request_complete {
+            shared.request_complete(&mut fl, now_ms(self));
         }
         Action::Continue
     }
 
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
-        if let Some(f) = &self.flight {
+        if let (Some(shared), Some(f)) = (self.shared.clone(), self.flight.clone()) {
             let mut fl = f.borrow_mut();
             if fl.body_state == Body::Incomplete {
                 let state = Body::Complete(fl.body.len());
                 fl.body_state = state;
                 fl.attempts.set_body(state);
+            }
+            if !fl.request_complete {
+                shared.request_complete(&mut fl, now_ms(self));
             }
         }
         Action::Continue
@@ -1151,8 +1191,10 @@ impl HttpContext for FailoverStream {
 
         let answer = f.borrow_mut().attempts.on_answer(first);
         if answer == attempts::Answer::Use {
-            shared.live(first, true, now);
+            // A late answer after the try timeout was already counted as a
+            // failure; it is used, not counted again.
             if was_live {
+                shared.live(first, true, now);
                 shared.record_latency(first, now.saturating_sub(started));
             }
             let outcome = f.borrow().attempts.outcome();

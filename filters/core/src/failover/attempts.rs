@@ -201,6 +201,13 @@ impl Attempts {
         self.count
     }
 
+    /// Restarts the clock at `now_ms`: the shim calls this when the
+    /// request's body is complete, so a slow upload does not eat into the
+    /// total deadline (Envoy's own try timeouts also start there).
+    pub fn start_clock(&mut self, now_ms: u64) {
+        self.started_ms = now_ms;
+    }
+
     /// When the request must be finished, Unix ms.
     pub fn deadline_ms(&self, cfg: &FailoverConfig) -> u64 {
         self.started_ms.saturating_add(cfg.replay.total_deadline_ms)

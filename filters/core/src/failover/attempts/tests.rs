@@ -361,3 +361,21 @@ fn hedge_refusals() {
     assert_eq!(a.winner(), None);
     assert_eq!(a.deadline_ms(&c), 3_500);
 }
+
+#[test]
+fn the_clock_restarts_when_the_body_is_complete() {
+    let c = cfg();
+    let mut a = Attempts::start(1_000, 0, all(), &infer());
+    assert_eq!(a.deadline_ms(&c), 3_500);
+    // A 10 s upload: the deadline counts from its end.
+    a.start_clock(11_000);
+    a.set_body(Body::Complete(10));
+    assert_eq!(a.deadline_ms(&c), 13_500);
+    assert_eq!(
+        a.on_upstream_failure(&c, 11_100, 0, Failure::Status5xx, false, all()),
+        Next::ReplayTo {
+            cloud: 1,
+            timeout_ms: 1_000
+        }
+    );
+}
