@@ -174,31 +174,8 @@ impl Conn {
             },
             None => connect(addr).await?,
         };
-        let mut builder = Request::builder()
-            .method(req.method)
-            .uri(&req.path)
-            .header(hyper::header::HOST, "infermesh.test");
-        if let Some(h) = builder.headers_mut() {
-            h.extend(req.headers);
-        }
-        let request = builder
-            .body(Full::new(req.body))
-            .map_err(|e| format!("cannot build request for {}: {e}", req.path))?;
-        let resp = sender
-            .send_request(request)
-            .await
-            .map_err(|e| format!("sending to {addr} failed: {e}"))?;
-        let (parts, body) = resp.into_parts();
-        let body = body
-            .collect()
-            .await
-            .map_err(|e| format!("reading the body from {addr} failed: {e}"))?
-            .to_bytes();
-        let closing = parts
-            .headers
-            .get(hyper::header::CONNECTION)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
-        if !closing {
+        let (parts, body, reusable) = exchange(&mut sender, addr, req).await?;
+        if reusable {
             self.sender = Some(sender);
         }
         Ok(Resp {
@@ -209,7 +186,46 @@ impl Conn {
     }
 }
 
-async fn connect(addr: SocketAddr) -> Result<SendRequest<Full<Bytes>>, String> {
+/// An HTTP/1.1 client connection.
+pub(crate) type Sender = SendRequest<Full<Bytes>>;
+
+/// Sends `req` on `sender` and reads the whole answer: its head, its
+/// body, and whether the connection may be used again (the server did
+/// not say `connection: close`).
+pub(crate) async fn exchange(
+    sender: &mut Sender,
+    addr: SocketAddr,
+    req: Req,
+) -> Result<(hyper::http::response::Parts, Bytes, bool), String> {
+    let mut builder = Request::builder()
+        .method(req.method)
+        .uri(&req.path)
+        .header(hyper::header::HOST, "infermesh.test");
+    if let Some(h) = builder.headers_mut() {
+        h.extend(req.headers);
+    }
+    let request = builder
+        .body(Full::new(req.body))
+        .map_err(|e| format!("cannot build request for {}: {e}", req.path))?;
+    let resp = sender
+        .send_request(request)
+        .await
+        .map_err(|e| format!("sending to {addr} failed: {e}"))?;
+    let (parts, body) = resp.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map_err(|e| format!("reading the body from {addr} failed: {e}"))?
+        .to_bytes();
+    let closing = parts
+        .headers
+        .get(hyper::header::CONNECTION)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+    Ok((parts, body, !closing))
+}
+
+/// Opens a connection to `addr` (no Nagle, Envoy-sized header limit).
+pub(crate) async fn connect(addr: SocketAddr) -> Result<Sender, String> {
     let tcp = TcpStream::connect(addr)
         .await
         .map_err(|e| format!("cannot connect to {addr}: {e}"))?;

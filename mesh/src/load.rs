@@ -16,14 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::client::conn::http1::SendRequest;
-use hyper::Request;
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
-
-use crate::client::Req;
+use crate::client::{connect, exchange, Req, Sender};
 
 /// How to tell, from the "served by" response header, which cloud answered.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -183,8 +176,6 @@ where
     Ok(Running { started, handle })
 }
 
-type Sender = SendRequest<Full<Bytes>>;
-
 async fn drive<F>(plan: Plan, make: F, started: Instant) -> Vec<Record>
 where
     F: Fn(u64) -> Req + Send + Sync + 'static,
@@ -283,26 +274,7 @@ async fn send(
         .ready()
         .await
         .map_err(|e| format!("connection to {} closed: {e}", plan.addr))?;
-    let mut builder = Request::builder()
-        .method(req.method)
-        .uri(&req.path)
-        .header(hyper::header::HOST, "infermesh.test");
-    if let Some(h) = builder.headers_mut() {
-        h.extend(req.headers);
-    }
-    let request = builder
-        .body(Full::new(req.body))
-        .map_err(|e| format!("cannot build request for {}: {e}", req.path))?;
-    let resp = sender
-        .send_request(request)
-        .await
-        .map_err(|e| format!("sending failed: {e}"))?;
-    let (parts, body) = resp.into_parts();
-    let body = body
-        .collect()
-        .await
-        .map_err(|e| format!("reading the body failed: {e}"))?
-        .to_bytes();
+    let (parts, body, reusable) = exchange(&mut sender, plan.addr, req).await?;
     let error_body = (!parts.status.is_success()).then(|| {
         String::from_utf8_lossy(body.get(..ERROR_BODY_BYTES).unwrap_or(&body)).into_owned()
     });
@@ -310,29 +282,10 @@ async fn send(
         .headers
         .get(plan.served_by_header.as_str())
         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-    let closing = parts
-        .headers
-        .get(hyper::header::CONNECTION)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
-    if !closing {
+    if reusable {
         pool.lock().unwrap_or_else(|e| e.into_inner()).push(sender);
     }
     Ok((parts.status.as_u16(), served_by, error_body))
-}
-
-async fn connect(addr: SocketAddr) -> Result<Sender, String> {
-    let tcp = TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
-    let _ = tcp.set_nodelay(true);
-    let (sender, conn) = hyper::client::conn::http1::Builder::new()
-        .handshake(TokioIo::new(tcp))
-        .await
-        .map_err(|e| format!("handshake with {addr} failed: {e}"))?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok(sender)
 }
 
 /// Counts and latency figures over a set of records.

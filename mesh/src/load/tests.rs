@@ -1,4 +1,7 @@
 use super::*;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::rt::TokioIo;
 
 /// A record due at `start_ms` that took `latency_ms`, answered `status`
 /// by `cloud` (`None`: a transport error).
