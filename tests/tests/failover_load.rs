@@ -60,7 +60,9 @@ fn config() -> serde_json::Value {
             "passive": {"consecutive_failures": 3}
         },
         "replay": {"per_try_timeout_ms": 1000, "total_deadline_ms": 5000},
-        "hedge": {"percentile": 95, "min_delay_ms": 30, "max_delay_ms": 80}
+        // The hedge delay follows the debug sidecars' p95, capped at 50 ms
+        // so that a hedged answer stays under 100 ms on a busy machine.
+        "hedge": {"percentile": 95, "min_delay_ms": 20, "max_delay_ms": 50}
     })
 }
 
@@ -177,6 +179,21 @@ fn transitions(envoy: &Envoy) -> String {
         .join("\n")
 }
 
+/// Traffic is back on aws from `from_ms` on: at least 99 % of the
+/// requests due in `[from_ms, to_ms)` (a hedge to gcp may still win one
+/// now and then). Returns the share.
+fn returned(records: &[Record], from_ms: f64, to_ms: f64, why: &str) -> f64 {
+    let win = load::window(records, from_ms, to_ms);
+    let on_aws = win.iter().filter(|r| r.served_by_cloud("aws")).count();
+    let share = on_aws as f64 / win.len().max(1) as f64;
+    assert!(
+        !win.is_empty() && share >= 0.99,
+        "{on_aws} of {} requests on aws after the return\n{why}",
+        win.len()
+    );
+    share
+}
+
 /// aws's health changed exactly twice (out, then back), and the other
 /// clouds' never: hysteresis, no flapping. (Single requests around the
 /// return may still be answered by gcp when a hedge wins.)
@@ -220,13 +237,11 @@ async fn the_primary_is_killed_and_returns() {
     // Back on aws after the probes' healthy threshold (3 × 500 ms, plus
     // the restart's own start-up), and no flapping: one switch away and
     // one back.
-    let ret = load::settle_ms(&records, back_ms, 25_000.0, |r| r.served_by_cloud("aws"))
-        .unwrap_or_else(|| panic!("traffic never returned to aws\n{why}"));
-    assert!(ret <= 6_000.0, "return took {ret:.0} ms\n{why}");
+    let ret = returned(&records, back_ms + 6_000.0, 25_000.0, &why);
     assert_no_flapping(&rig, &why).await;
     eprintln!(
-        "kill: {} requests, {} errors, switch {switch:.0} ms, return {ret:.0} ms, p50 {:.1} ms, p99 {:.1} ms, max {:.0} ms\n{why}",
-        all.requests, all.errors, all.p50_ms, all.p99_ms, all.max_ms
+        "kill: {} requests, {} errors, switch {switch:.0} ms, {:.1} % on aws after the return, p50 {:.1} ms, p99 {:.1} ms, max {:.0} ms\n{why}",
+        all.requests, all.errors, ret * 100.0, all.p50_ms, all.p99_ms, all.max_ms
     );
 }
 
@@ -260,20 +275,19 @@ async fn the_primary_hangs_and_resumes() {
     let switch = load::settle_ms(&records, stop_ms, cont_ms, |r| r.served_by_cloud("gcp"))
         .unwrap_or_else(|| panic!("traffic never left aws\n{why}"));
     assert!(switch <= 1_000.0, "switch took {switch:.0} ms\n{why}");
-    let ret = load::settle_ms(&records, cont_ms, 30_000.0, |r| r.served_by_cloud("aws"))
-        .unwrap_or_else(|| panic!("traffic never returned to aws\n{why}"));
-    assert!(ret <= 4_000.0, "return took {ret:.0} ms\n{why}");
+    let ret = returned(&records, cont_ms + 4_000.0, 30_000.0, &why);
     assert_no_flapping(&rig, &why).await;
     eprintln!(
         "hang: {} requests, {} errors; from the freeze on: {} > 100 ms, {} > 250 ms, \
          max {:.0} ms; whole run: {} > 100 ms, max {:.0} ms; switch {switch:.0} ms, \
-         return {ret:.0} ms\n{why}",
+         {:.1} % on aws after the return\n{why}",
         all.requests,
         all.errors,
         fault.over_100ms,
         fault.over_250ms,
         fault.max_ms,
         all.over_100ms,
-        all.max_ms
+        all.max_ms,
+        ret * 100.0
     );
 }
