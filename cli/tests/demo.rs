@@ -3,28 +3,7 @@
 //! sidecar, one of them killed under load and started again. Every check
 //! it prints must pass, and the numbers it prints must say so too.
 
-use std::path::PathBuf;
 use std::process::Command;
-
-fn repo() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-}
-
-/// The sidecar binary: the debug build `cargo test --workspace` makes
-/// (built here if this package is tested alone).
-fn sidecar() -> PathBuf {
-    let bin = repo().join("target/debug/infermesh-sidecar");
-    if !bin.is_file() {
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let ok = Command::new(cargo)
-            .args(["build", "-p", "sidecar"])
-            .current_dir(repo())
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "cannot build the sidecar");
-    }
-    bin
-}
 
 #[test]
 fn demo_passes_its_checks() {
@@ -37,7 +16,7 @@ fn demo_passes_its_checks() {
     }
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_infermesh"));
     cmd.args(["demo", "--port", "0"])
-        .env("INFERMESH_SIDECAR_BIN", sidecar());
+        .env("INFERMESH_SIDECAR_BIN", mesh::sidecar::debug_bin());
     // Use the shipped modules when the test command built them.
     if let Some(dir) = std::env::var_os("INFERMESH_WASM_DIR") {
         cmd.env("INFERMESH_WASM_DIR", dir);

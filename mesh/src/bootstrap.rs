@@ -404,6 +404,24 @@ fn istio_route_action(cluster: &str) -> Value {
     })
 }
 
+/// A Lua filter that records the route Envoy had picked when the request
+/// reached it and returns its name in the response header
+/// `x-route-seen-ahead`: placed ahead of the Wasm filters, it proves the
+/// route was computed before they ran.
+pub fn route_seen_ahead_filter() -> Value {
+    lua_filter(
+        r#"
+function envoy_on_request(h)
+  h:streamInfo():dynamicMetadata():set("e2e", "route", h:streamInfo():routeName())
+end
+function envoy_on_response(h)
+  local md = h:streamInfo():dynamicMetadata():get("e2e")
+  h:headers():add("x-route-seen-ahead", md and md["route"] or "none")
+end
+"#,
+    )
+}
+
 /// A Lua filter running `code` (which must define `envoy_on_request`
 /// and/or `envoy_on_response`).
 pub fn lua_filter(code: &str) -> Value {

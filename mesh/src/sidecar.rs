@@ -24,6 +24,24 @@ pub struct Sidecar {
     repo: PathBuf,
 }
 
+/// The debug sidecar binary `cargo test --workspace` builds; built here
+/// (`cargo build -p sidecar`) when a package is tested alone. Panics if
+/// the build fails.
+pub fn debug_bin() -> PathBuf {
+    let root = crate::repo_root();
+    let bin = root.join("target/debug/infermesh-sidecar");
+    if !bin.is_file() {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let ok = Command::new(cargo)
+            .args(["build", "-p", "sidecar", "--bin", "infermesh-sidecar"])
+            .current_dir(&root)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "cannot build the sidecar");
+    }
+    bin
+}
+
 impl Sidecar {
     /// Starts `bin --model-repository repo --listen ip:0` with JSON logs
     /// into `log_dir/<name>.log`, learns the port from the `listening` log

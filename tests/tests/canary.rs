@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use e2e::bootstrap::{lua_filter, set_request_header_filter};
+use e2e::bootstrap::{lua_filter, route_seen_ahead_filter, set_request_header_filter};
 use e2e::upstream::{SAW_VERSION_HEADER, UPSTREAM_HEADER};
 use e2e::{
     assert_vm_healthy, require_envoy, Bootstrap, Envoy, FailurePolicy, Req, Resp, Stats, Upstream,
@@ -494,17 +494,7 @@ async fn override_header_pins_listed_versions_and_counts_unlisted_ones() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routing_follows_the_header_after_the_route_was_computed() {
     let _bin = require_envoy!("routing_follows_the_header_after_the_route_was_computed");
-    let lua = lua_filter(
-        r#"
-function envoy_on_request(h)
-  h:streamInfo():dynamicMetadata():set("e2e", "route", h:streamInfo():routeName())
-end
-function envoy_on_response(h)
-  local md = h:streamInfo():dynamicMetadata():get("e2e")
-  h:headers():add("x-route-seen-ahead", md and md["route"] or "none")
-end
-"#,
-    );
+    let lua = route_seen_ahead_filter();
     let rig = Rig::start_with(&config(&[("1", 90.0), ("2", 10.0)]), |b| {
         b.filter_ahead(lua)
     })

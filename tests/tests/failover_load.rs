@@ -11,7 +11,6 @@
 //! a minute) next to Envoy's native failover.
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 use e2e::load::{self, Plan, Record};
@@ -29,22 +28,6 @@ static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn repo() -> PathBuf {
     e2e::repo_root()
-}
-
-/// The debug sidecar `cargo test --workspace` builds (built here when
-/// this package is tested alone).
-fn sidecar_bin() -> PathBuf {
-    let bin = repo().join("target/debug/infermesh-sidecar");
-    if !bin.is_file() {
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let ok = Command::new(cargo)
-            .args(["build", "-p", "sidecar", "--bin", "infermesh-sidecar"])
-            .current_dir(repo())
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "cannot build the sidecar");
-    }
-    bin
 }
 
 fn config() -> serde_json::Value {
@@ -87,7 +70,7 @@ struct Rig {
 impl Rig {
     async fn start() -> Rig {
         let dir = tempfile::tempdir().expect("temp dir");
-        let bin = sidecar_bin();
+        let bin = e2e::sidecar::debug_bin();
         let models = repo().join("examples/models");
         let mut clouds = Vec::new();
         for (i, name) in NAMES.iter().enumerate() {
