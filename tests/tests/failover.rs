@@ -60,6 +60,22 @@ struct Rig {
 
 const NAMES: [&str; 3] = ["aws", "gcp", "azure"];
 
+/// The three stub clouds on 127.0.0.2, .3 and .4, and `b` with a
+/// cluster `cloud-<name>` and an `x-infermesh-cloud: <name>` route each.
+async fn clouds(mut b: Bootstrap) -> (Vec<Upstream>, Bootstrap) {
+    let mut clouds = Vec::new();
+    for (i, name) in NAMES.iter().enumerate() {
+        let ip = [127, 0, 0, 2 + i as u8];
+        let up = Upstream::start_on(name, SocketAddr::from((ip, 0))).await;
+        let cluster = format!("cloud-{name}");
+        b = b
+            .cluster(&cluster, up.addr)
+            .route_header(CLOUD, name, &cluster);
+        clouds.push(up);
+    }
+    (clouds, b)
+}
+
 impl Rig {
     async fn start(config: serde_json::Value) -> Rig {
         Rig::start_with(config, false).await
@@ -71,19 +87,8 @@ impl Rig {
     async fn start_with(config: serde_json::Value, allow_stop: bool) -> Rig {
         filter_core::config::failover::parse(config.to_string().as_bytes())
             .expect("the test's failover config");
-        let mut clouds = Vec::new();
-        for (i, name) in NAMES.iter().enumerate() {
-            let ip = [127, 0, 0, 2 + i as u8];
-            clouds.push(Upstream::start_on(name, SocketAddr::from((ip, 0))).await);
-        }
-        let mut b = Bootstrap::new();
-        for up in &clouds {
-            let cluster = format!("cloud-{}", up.name);
-            b = b
-                .cluster(&cluster, up.addr)
-                .route_header(CLOUD, &up.name, &cluster);
-        }
-        b = b.default_route("cloud-aws").wasm(
+        let (clouds, b) = clouds(Bootstrap::new()).await;
+        let b = b.default_route("cloud-aws").wasm(
             WasmFilter::new(
                 "infermesh-failover",
                 &e2e::wasm::build("filter-failover"),
@@ -626,30 +631,9 @@ async fn chain_rig() -> Rig {
     });
     let mut failover = config();
     failover["trust_downstream_headers"] = json!(true);
-    let lua = e2e::bootstrap::lua_filter(
-        r#"
-function envoy_on_request(h)
-  h:streamInfo():dynamicMetadata():set("e2e", "route", h:streamInfo():routeName())
-end
-function envoy_on_response(h)
-  local md = h:streamInfo():dynamicMetadata():get("e2e")
-  h:headers():add("x-route-seen-ahead", md and md["route"] or "none")
-end
-"#,
-    );
-    let mut clouds = Vec::new();
-    for (i, name) in NAMES.iter().enumerate() {
-        let ip = [127, 0, 0, 2 + i as u8];
-        clouds.push(Upstream::start_on(name, SocketAddr::from((ip, 0))).await);
-    }
-    let mut b = Bootstrap::new().filter_ahead(lua);
-    for up in &clouds {
-        let cluster = format!("cloud-{}", up.name);
-        b = b
-            .cluster(&cluster, up.addr)
-            .route_header(CLOUD, &up.name, &cluster);
-    }
-    b = b
+    let lua = e2e::bootstrap::route_seen_ahead_filter();
+    let (clouds, b) = clouds(Bootstrap::new().filter_ahead(lua)).await;
+    let b = b
         .default_route("cloud-azure")
         .wasm(WasmFilter::new(
             "infermesh-model-router",
