@@ -7,6 +7,7 @@
 
 pub mod canary;
 pub mod failover;
+pub mod module;
 pub mod router;
 
 use serde::de::DeserializeOwned;
