@@ -9,6 +9,14 @@ use std::sync::{Mutex, OnceLock};
 /// (`canary.wasm` for `filter-canary`); when set, no build is run.
 pub const WASM_DIR_ENV: &str = "INFERMESH_WASM_DIR";
 
+/// The crate of the one shipped module, `infermesh.wasm`.
+pub const MODULE: &str = "filter-infermesh";
+
+/// Path of the built `infermesh.wasm` (see [`build`]).
+pub fn module() -> PathBuf {
+    build(MODULE)
+}
+
 static BUILT: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
 
 /// Path of the built `.wasm` of filter crate `krate` (e.g. `filter-canary`).

@@ -69,11 +69,12 @@ impl Rig {
         let default = Upstream::start("default").await;
         let subsets: Vec<(&str, &Upstream)> =
             versions.iter().map(|(v, u)| (v.as_str(), u)).collect();
-        let wasm = e2e::wasm::build("filter-canary");
+        let wasm = e2e::wasm::module();
+        let module = serde_json::json!({ "canary": config }).to_string();
         let bootstrap = customize(
             Bootstrap::new()
                 .version_subsets(&subsets, &default)
-                .wasm(WasmFilter::new("infermesh-canary", &wasm, text)),
+                .wasm(WasmFilter::new("infermesh", &wasm, module)),
         );
         let envoy = Envoy::start(&bootstrap).await;
         Rig {
@@ -560,20 +561,23 @@ async fn bad_plugin_config_is_refused_naming_the_field() {
     let bad = json!({
         "splits": [{"model": MODEL, "versions": [{"name": "1", "weight": 89}, {"name": "2", "weight": 10}]}],
         "sticky_key": [{"header": KEY_HEADER}],
-    })
-    .to_string();
-    let err = filter_core::config::canary::parse(bad.as_bytes()).expect_err("the config is bad");
+    });
+    let err = filter_core::config::canary::parse(bad.to_string().as_bytes())
+        .expect_err("the config is bad");
     assert_eq!(err.path, "splits[0].versions");
 
     for policy in [FailurePolicy::FailClosed, FailurePolicy::FailOpen] {
         let stable = Upstream::start("v1").await;
         let canary = Upstream::start("v2").await;
         let default = Upstream::start("default").await;
-        let wasm = e2e::wasm::build("filter-canary");
+        let wasm = e2e::wasm::module();
         let bootstrap = Bootstrap::new()
             .version_subsets(&[("1", &stable), ("2", &canary)], &default)
-            .wasm(WasmFilter::new("infermesh-canary", &wasm, bad.clone()).failure_policy(policy));
-        let want = "infermesh canary: invalid pluginConfig: splits[0].versions: weights sum to 99%";
+            .wasm(
+                WasmFilter::new("infermesh", &wasm, json!({ "canary": bad }).to_string())
+                    .failure_policy(policy),
+            );
+        let want = "infermesh: invalid pluginConfig: canary.splits[0].versions: weights sum to 99%";
         match Envoy::try_start(&bootstrap).await {
             Err(failure) => {
                 assert!(
@@ -593,7 +597,7 @@ async fn bad_plugin_config_is_refused_naming_the_field() {
                 assert!(
                     failure
                         .log
-                        .contains("Unable to create Wasm plugin infermesh-canary"),
+                        .contains("Unable to create Wasm plugin infermesh"),
                     "{policy:?}: Envoy's log does not say it refused the plugin"
                 );
                 assert_eq!((stable.count(), canary.count(), default.count()), (0, 0, 0));

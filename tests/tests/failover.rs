@@ -90,9 +90,9 @@ impl Rig {
         let (clouds, b) = clouds(Bootstrap::new()).await;
         let b = b.default_route("cloud-aws").wasm(
             WasmFilter::new(
-                "infermesh-failover",
-                &e2e::wasm::build("filter-failover"),
-                config.to_string(),
+                "infermesh",
+                &e2e::wasm::module(),
+                json!({ "failover": config }).to_string(),
             )
             .allow_on_headers_stop_iteration(allow_stop),
         );
@@ -607,9 +607,9 @@ async fn a_bad_config_is_refused_naming_the_field() {
         .cluster("cloud-aws", SocketAddr::from(([127, 0, 0, 2], 9)))
         .default_route("cloud-aws")
         .wasm(WasmFilter::new(
-            "infermesh-failover",
-            &e2e::wasm::build("filter-failover"),
-            cfg.to_string(),
+            "infermesh",
+            &e2e::wasm::module(),
+            json!({ "failover": cfg }).to_string(),
         ));
     let failure = match Envoy::try_start(&b).await {
         Ok(_) => panic!("Envoy started with a bad failover config"),
@@ -617,7 +617,7 @@ async fn a_bad_config_is_refused_naming_the_field() {
     };
     assert!(
         failure.log.contains(
-            "infermesh failover: invalid pluginConfig: clouds[1].cluster: \
+            "infermesh: invalid pluginConfig: failover.clouds[1].cluster: \
              cluster \"cloud-aws\" is already used by cloud \"aws\""
         ),
         "{}",
@@ -625,8 +625,8 @@ async fn a_bad_config_is_refused_naming_the_field() {
     );
 }
 
-/// The three filters in the SPEC's order (model-router, canary, failover)
-/// behind a Lua filter that computes the route before any of them runs.
+/// The module with all three stages (model-router, canary, failover) behind
+/// a Lua filter that computes the route before the module runs.
 async fn chain_rig() -> Rig {
     let router = json!({
         "models": [{"name": "digits-mlp", "versions": ["1", "2"],
@@ -642,23 +642,11 @@ async fn chain_rig() -> Rig {
     failover["trust_downstream_headers"] = json!(true);
     let lua = e2e::bootstrap::route_seen_ahead_filter();
     let (clouds, b) = clouds(Bootstrap::new().filter_ahead(lua)).await;
-    let b = b
-        .default_route("cloud-azure")
-        .wasm(WasmFilter::new(
-            "infermesh-model-router",
-            &e2e::wasm::build("filter-model-router"),
-            router.to_string(),
-        ))
-        .wasm(WasmFilter::new(
-            "infermesh-canary",
-            &e2e::wasm::build("filter-canary"),
-            canary.to_string(),
-        ))
-        .wasm(WasmFilter::new(
-            "infermesh-failover",
-            &e2e::wasm::build("filter-failover"),
-            failover.to_string(),
-        ));
+    let b = b.default_route("cloud-azure").wasm(WasmFilter::new(
+        "infermesh",
+        &e2e::wasm::module(),
+        json!({ "router": router, "canary": canary, "failover": failover }).to_string(),
+    ));
     let envoy = Envoy::start(&b).await;
     Rig { envoy, clouds }
 }

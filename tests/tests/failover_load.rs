@@ -88,9 +88,9 @@ impl Rig {
                 .route_header(CLOUD, &s.name, &cluster);
         }
         b = b.default_route("cloud-aws").wasm(WasmFilter::new(
-            "infermesh-failover",
-            &e2e::wasm::build("filter-failover"),
-            config().to_string(),
+            "infermesh",
+            &e2e::wasm::module(),
+            serde_json::json!({ "failover": config() }).to_string(),
         ));
         let envoy = Envoy::start(&b).await;
         let rig = Rig {

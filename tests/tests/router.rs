@@ -59,21 +59,14 @@ impl Rig {
         }
         let default = Upstream::start("default").await;
         let subsets: Vec<(&str, &Upstream)> = versions.iter().map(|(v, u)| (*v, u)).collect();
-        let mut b = Bootstrap::new().version_subsets(&subsets, &default).wasm(
-            WasmFilter::new(
-                "infermesh-model-router",
-                &e2e::wasm::build("filter-model-router"),
-                router.to_string(),
-            )
-            .allow_on_headers_stop_iteration(allow_stop),
-        );
+        let mut module = serde_json::json!({ "router": router });
         if let Some(c) = canary {
-            b = b.wasm(WasmFilter::new(
-                "infermesh-canary",
-                &e2e::wasm::build("filter-canary"),
-                c.to_string(),
-            ));
+            module["canary"] = c.clone();
         }
+        let b = Bootstrap::new().version_subsets(&subsets, &default).wasm(
+            WasmFilter::new("infermesh", &e2e::wasm::module(), module.to_string())
+                .allow_on_headers_stop_iteration(allow_stop),
+        );
         let envoy = Envoy::start(&b).await;
         Rig {
             envoy,
@@ -655,9 +648,9 @@ async fn bad_router_config_is_refused_naming_the_field() {
         .cluster("default", up.addr)
         .default_route("default")
         .wasm(WasmFilter::new(
-            "infermesh-model-router",
-            &e2e::wasm::build("filter-model-router"),
-            bad.to_string(),
+            "infermesh",
+            &e2e::wasm::module(),
+            json!({ "router": bad }).to_string(),
         ));
     let failure = match Envoy::try_start(&b).await {
         Ok(_) => panic!("Envoy started with an invalid model-router config"),
@@ -666,7 +659,7 @@ async fn bad_router_config_is_refused_naming_the_field() {
     assert!(
         failure
             .log
-            .contains("infermesh model-router: invalid pluginConfig: models[0].aliases.stable:"),
+            .contains("infermesh: invalid pluginConfig: router.models[0].aliases.stable:"),
         "{}",
         e2e::envoy::tail(&failure.log, 30)
     );

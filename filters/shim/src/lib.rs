@@ -23,14 +23,13 @@ use proxy_wasm::types::{MetricType, Status};
 /// plugin's failure policy and no request sees a half-parsed config.
 pub fn parse_plugin_config<T>(
     root: &dyn RootContext,
-    filter: &str,
     parse: impl FnOnce(&[u8]) -> Result<T, ConfigError>,
 ) -> Option<T> {
     let bytes = root.get_plugin_configuration().unwrap_or_default();
     match parse(&bytes) {
         Ok(cfg) => Some(cfg),
         Err(e) => {
-            error!("infermesh {filter}: invalid pluginConfig: {e}");
+            error!("infermesh: invalid pluginConfig: {e}");
             None
         }
     }

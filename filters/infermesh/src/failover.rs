@@ -1,10 +1,9 @@
-//! infermesh failover filter: the proxy-wasm shim over `filter_core::failover`.
+//! The failover stage: the host side of `filter_core::failover`.
 //!
-//! **The first try is Envoy's.** Per request the filter picks the first
+//! **The first try is Envoy's.** Per request the stage picks the first
 //! healthy cloud the residency rule allows, writes it to
-//! `x-infermesh-cloud`, clears the route cache, and lets the route carry
-//! the request to that cloud's cluster: the common case costs a header and
-//! streams both ways.
+//! `x-infermesh-cloud`, and lets the route carry the request to that
+//! cloud's cluster: the common case costs a header and streams both ways.
 //!
 //! **Replays and hedges are callouts.** A failed first try (connect
 //! failure, reset, 5xx, timeout) is held at the response headers, and the
@@ -28,15 +27,6 @@
 //! outcomes; each VM caches the healthy set, refreshed every few ticks and
 //! on every update it makes itself.
 
-#![deny(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::indexing_slicing,
-    clippy::panic
-)]
-
-mod metrics;
-
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
@@ -48,23 +38,16 @@ use filter_core::failover::health::{self, Record, Update};
 use filter_core::failover::latency::{hedge_delay_ms, LatencyTracker};
 use filter_core::failover::{self as core, CloudSet, Failure, NoCloud};
 use filter_core::{headers, oip};
-use filter_shim::{clear_route_cache, now_ms};
 use log::{debug, info, warn};
 use proxy_wasm::hostcalls;
-use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, Bytes, ContextType, LogLevel, MapType};
+use proxy_wasm::traits::HttpContext;
+use proxy_wasm::types::{Action, Bytes, MapType, Status};
 
-use metrics::{Metrics, TryKind};
-
-proxy_wasm::main! {{
-    proxy_wasm::set_log_level(LogLevel::Info);
-    proxy_wasm::set_root_context(|id| -> Box<dyn RootContext> {
-        Box::new(FailoverRoot { id, shared: None, ticks: 0 })
-    });
-}}
+use crate::failover_metrics::{Metrics, TryKind};
+use crate::request::RequestHeaders;
 
 /// Root tick: hedge and try-timeout resolution is this fine.
-const TICK_MS: u64 = 10;
+pub const TICK_MS: u64 = 10;
 /// The healthy set is re-read from shared data every this many ticks (and
 /// after every update this VM makes).
 const REFRESH_TICKS: u32 = 5;
@@ -132,8 +115,9 @@ struct Flight {
     first: usize,
     started_ms: u64,
     model: Option<String>,
-    /// The request headers as they went upstream (for callouts and the
-    /// reply's `served-by`).
+    /// `model/version` the stages ahead chose, for a reply's served-by.
+    served_prefix: Option<String>,
+    /// The request headers as they went upstream (for callouts).
     headers: Vec<(String, Bytes)>,
     body: Vec<u8>,
     body_state: Body,
@@ -186,7 +170,7 @@ enum After {
 }
 
 /// State every context of one VM shares.
-struct Shared {
+pub struct Shared {
     cfg: FailoverConfig,
     metrics: Metrics,
     root_id: u32,
@@ -194,6 +178,8 @@ struct Shared {
     fingerprints: Vec<u32>,
     /// `@cloud` per cloud, for `x-infermesh-served-by`.
     served_by: Vec<String>,
+    /// Whether replies carry `x-infermesh-served-by` (the module's choice).
+    served_by_header: bool,
     /// Healthy clouds as this VM last saw them.
     healthy: Cell<CloudSet>,
     /// Clouds whose record had no live failure pending: a live success
@@ -632,7 +618,7 @@ impl Shared {
                 out.push((name.as_str(), v));
             }
         }
-        if self.cfg.served_by_header {
+        if self.served_by_header {
             out.push((headers::SERVED_BY, &served_by));
         }
         let how = match kind {
@@ -678,15 +664,14 @@ impl Shared {
             return;
         }
         if held {
-            if self.cfg.served_by_header {
-                let first = f.borrow().first;
-                if let Some(at) = self.served_by.get(first) {
-                    let _ = hostcalls::set_map_value(
-                        MapType::HttpResponseHeaders,
-                        headers::SERVED_BY,
-                        Some(at),
-                    );
-                }
+            if self.served_by_header {
+                let fl = f.borrow();
+                let value = self.compose_served_by(&fl, fl.first);
+                let _ = hostcalls::set_map_value(
+                    MapType::HttpResponseHeaders,
+                    headers::SERVED_BY,
+                    Some(&value),
+                );
             }
             let _ = hostcalls::resume_http_response();
         } else {
@@ -702,18 +687,11 @@ impl Shared {
         self.flights.borrow_mut().remove(&context_id);
     }
 
-    /// `model/version@cloud` from the request headers model-router and
-    /// canary set ahead, else `@cloud`.
+    /// `model/version@cloud` with what the stages ahead chose, else
+    /// `@cloud`.
     fn compose_served_by(&self, fl: &Flight, cloud: usize) -> String {
         let at = self.served_by.get(cloud).map_or("@?", String::as_str);
-        match (fl.header(headers::MODEL), fl.header(headers::VERSION)) {
-            (Some(m), Some(v)) => format!(
-                "{}/{}{at}",
-                String::from_utf8_lossy(m),
-                String::from_utf8_lossy(v)
-            ),
-            _ => at.to_owned(),
-        }
+        format!("{}{at}", fl.served_prefix.as_deref().unwrap_or_default())
     }
 
     // ---- timers ---------------------------------------------------------
@@ -803,197 +781,139 @@ fn status_of(h: &[(String, Bytes)]) -> Option<u32> {
         .and_then(|s| s.parse().ok())
 }
 
-struct FailoverRoot {
-    id: u32,
-    shared: Option<Rc<Shared>>,
-    ticks: u32,
-}
-
-impl Context for FailoverRoot {
-    fn on_http_call_response(
-        &mut self,
-        token_id: u32,
-        num_headers: usize,
-        body_size: usize,
-        _num_trailers: usize,
-    ) {
-        if let Some(shared) = self.shared.clone() {
-            let now = now_ms(self);
-            shared.on_call_response(token_id, num_headers, body_size, now);
-            let _ = hostcalls::set_effective_context(self.id);
-        }
-    }
-}
-
-impl RootContext for FailoverRoot {
-    fn on_configure(&mut self, _size: usize) -> bool {
-        let Some(cfg) = filter_shim::parse_plugin_config(
-            self,
-            "failover",
-            filter_core::config::failover::parse,
-        ) else {
-            return false;
-        };
-        let metrics = match Metrics::define(&cfg) {
-            Ok(m) => m,
-            Err(status) => {
-                log::error!("infermesh failover: cannot define metrics: {status:?}");
-                return false;
-            }
-        };
-        let n = cfg.clouds.len();
-        let keys = cfg
-            .clouds
+/// Builds the stage's VM-wide state; `root_id` is the root context, made
+/// effective again after every root callback.
+pub fn configure(
+    root_id: u32,
+    cfg: FailoverConfig,
+    served_by_header: bool,
+) -> Result<Rc<Shared>, Status> {
+    let metrics = Metrics::define(&cfg)?;
+    let n = cfg.clouds.len();
+    let keys = cfg
+        .clouds
+        .iter()
+        .map(|c| health::shared_key(&c.name))
+        .collect();
+    let fingerprints = (0..n).map(|i| health::fingerprint(&cfg, i)).collect();
+    let served_by = cfg.clouds.iter().map(|c| format!("@{}", c.name)).collect();
+    info!(
+        "infermesh: failover stage: {n} cloud(s) in pick order: {}",
+        cfg.order
             .iter()
-            .map(|c| health::shared_key(&c.name))
-            .collect();
-        let fingerprints = (0..n).map(|i| health::fingerprint(&cfg, i)).collect();
-        let served_by = cfg.clouds.iter().map(|c| format!("@{}", c.name)).collect();
-        info!(
-            "infermesh failover: configured {n} cloud(s) in pick order: {}",
-            cfg.order
-                .iter()
-                .map(|&i| cfg.cloud_name(i))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-        let shared = Rc::new(Shared {
-            metrics,
-            root_id: self.id,
-            keys,
-            fingerprints,
-            served_by,
-            healthy: Cell::new(CloudSet::all(n)),
-            clean: Cell::new(CloudSet::all(n)),
-            latency: RefCell::new(vec![LatencyTracker::default(); n]),
-            flights: RefCell::new(BTreeMap::new()),
-            calls: RefCell::new(HashMap::new()),
-            rounds: RefCell::new(vec![None; n]),
-            cfg,
-        });
-        for cloud in 0..n {
-            shared.metrics.set_healthy(cloud, true);
-        }
-        shared.refresh();
-        self.shared = Some(shared);
-        self.set_tick_period(Duration::from_millis(TICK_MS));
-        true
+            .map(|&i| cfg.cloud_name(i))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let shared = Rc::new(Shared {
+        metrics,
+        root_id,
+        keys,
+        fingerprints,
+        served_by,
+        served_by_header,
+        healthy: Cell::new(CloudSet::all(n)),
+        clean: Cell::new(CloudSet::all(n)),
+        latency: RefCell::new(vec![LatencyTracker::default(); n]),
+        flights: RefCell::new(BTreeMap::new()),
+        calls: RefCell::new(HashMap::new()),
+        rounds: RefCell::new(vec![None; n]),
+        cfg,
+    });
+    for cloud in 0..n {
+        shared.metrics.set_healthy(cloud, true);
+    }
+    shared.refresh();
+    Ok(shared)
+}
+
+impl Shared {
+    /// Client headers the module removed, when failover is the first stage.
+    pub fn stripped(&self, n: usize) {
+        self.metrics.stripped(n);
     }
 
-    fn on_tick(&mut self) {
-        let Some(shared) = self.shared.clone() else {
-            return;
-        };
-        let now = now_ms(self);
-        self.ticks = self.ticks.wrapping_add(1);
-        if self.ticks.is_multiple_of(REFRESH_TICKS) {
+    /// The root's tick (every [`TICK_MS`]); `ticks` counts them.
+    pub fn on_tick(&self, now: u64, ticks: u32) {
+        if ticks.is_multiple_of(REFRESH_TICKS) {
             // Reads every record (refreshing this VM's healthy set) and
             // claims the probe rounds that are due.
-            shared.tick_probes(now);
+            self.tick_probes(now);
         }
-        shared.tick_flights(now);
-        let _ = hostcalls::set_effective_context(shared.root_id);
+        self.tick_flights(now);
+        let _ = hostcalls::set_effective_context(self.root_id);
     }
 
-    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(FailoverStream {
-            context_id,
-            shared: self.shared.clone(),
-            flight: None,
-            not_buffered: false,
-        }))
-    }
-
-    fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
+    /// A callout answered on the root context (probes, and tries whose
+    /// stream callback Envoy routes to the root).
+    pub fn on_root_call_response(
+        &self,
+        token: u32,
+        num_headers: usize,
+        body_size: usize,
+        now: u64,
+    ) {
+        self.on_call_response(token, num_headers, body_size, now);
+        let _ = hostcalls::set_effective_context(self.root_id);
     }
 }
 
-struct FailoverStream {
+/// One stream's failover state.
+pub struct Stage {
     context_id: u32,
-    shared: Option<Rc<Shared>>,
+    shared: Rc<Shared>,
     flight: Option<Rc<RefCell<Flight>>>,
     /// The body was over `max_body_bytes`: say so on the response.
     not_buffered: bool,
 }
 
-impl Drop for FailoverStream {
+impl Drop for Stage {
     fn drop(&mut self) {
-        if let Some(shared) = &self.shared {
-            shared.flights.borrow_mut().remove(&self.context_id);
-            // Answers to callouts of a finished stream are not delivered:
-            // forget them (their health signal is lost, not their memory).
-            shared.calls.borrow_mut().retain(
-                |_, c| !matches!(c, Call::Try { context_id, .. } if *context_id == self.context_id),
-            );
-        }
+        self.shared.flights.borrow_mut().remove(&self.context_id);
+        // Answers to callouts of a finished stream are not delivered:
+        // forget them (their health signal is lost, not their memory).
+        self.shared.calls.borrow_mut().retain(
+            |_, c| !matches!(c, Call::Try { context_id, .. } if *context_id == self.context_id),
+        );
     }
 }
 
-impl Context for FailoverStream {
-    fn on_http_call_response(
+impl Stage {
+    pub fn new(context_id: u32, shared: Rc<Shared>) -> Stage {
+        Stage {
+            context_id,
+            shared,
+            flight: None,
+            not_buffered: false,
+        }
+    }
+
+    /// A callout of this stream answered.
+    pub fn on_call_response(&self, token: u32, num_headers: usize, body_size: usize, now: u64) {
+        self.shared
+            .on_call_response(token, num_headers, body_size, now);
+    }
+
+    /// The request headers, after the stages ahead decided. Picks the
+    /// cloud and writes `x-infermesh-cloud`; `served_prefix` is the
+    /// `model/version` the stages ahead chose, for a reply's served-by.
+    /// `Pause` means the stage answered (no cloud may take the request).
+    pub fn on_request_headers(
         &mut self,
-        token_id: u32,
-        num_headers: usize,
-        body_size: usize,
-        _num_trailers: usize,
-    ) {
-        if let Some(shared) = self.shared.clone() {
-            let now = now_ms(self);
-            shared.on_call_response(token_id, num_headers, body_size, now);
-        }
-    }
-}
-
-impl HttpContext for FailoverStream {
-    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        let Some(shared) = self.shared.clone() else {
-            warn!("infermesh failover: request before configuration; refusing it");
-            filter_shim::send_json_error(
-                self,
-                503,
-                br#"{"error":"failover filter is not configured"}"#,
-            );
-            return Action::Pause;
-        };
+        ctx: &dyn HttpContext,
+        mut hdrs: RequestHeaders,
+        end_of_stream: bool,
+        served_prefix: Option<&str>,
+        now: u64,
+    ) -> Action {
+        let shared = self.shared.clone();
         let cfg = &shared.cfg;
-
-        // One read of the header map: to strip spoofed x-infermesh-*
-        // headers and to keep a copy for replays. The copy must be taken
-        // now: Envoy lets a filter read the request headers only during
-        // this callback (a later read, e.g. when a replay starts, sees an
-        // empty map).
-        let mut request_headers = self.get_http_request_headers_bytes();
-        if !cfg.trust_downstream_headers {
-            let mut stripped = 0;
-            request_headers.retain(|(name, _)| {
-                if headers::is_owned(name) {
-                    self.set_http_request_header(name, None);
-                    stripped += 1;
-                    false
-                } else {
-                    true
-                }
-            });
-            if stripped > 0 {
-                clear_route_cache();
-                shared.metrics.stripped(stripped);
-            }
-        }
-        let find = |name: &str| {
-            request_headers
-                .iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, v)| v.as_slice())
-        };
-        let residency = cfg.residency.header.as_deref().and_then(find);
+        let residency = cfg.residency.header.as_deref().and_then(|h| hdrs.get(h));
         let scope = core::scope(cfg, residency);
-        let path = find(":path").unwrap_or_default();
-        let model_header = if cfg.trust_downstream_headers {
-            find(headers::MODEL)
-        } else {
-            None
-        };
+        let path = hdrs.get(":path").unwrap_or_default();
+        // Client copies were stripped unless every stage trusts them; what
+        // remains is model-router's decision or a trusted header.
+        let model_header = hdrs.get(headers::MODEL);
 
         let Some(first) = core::pick(cfg, scope.allowed, shared.healthy.get(), CloudSet::EMPTY)
         else {
@@ -1006,21 +926,24 @@ impl HttpContext for FailoverStream {
             });
             let body = core::no_cloud_body(cfg, model.as_deref(), &scope, residency);
             debug!("infermesh failover: no cloud: {}", reason.as_str());
-            filter_shim::send_json_error(self, core::NO_CLOUD_STATUS, &body);
+            filter_shim::send_json_error(ctx, core::NO_CLOUD_STATUS, &body);
             return Action::Pause;
         };
         let Some(cloud) = cfg.clouds.get(first) else {
             return Action::Continue;
         };
-        self.set_http_request_header(headers::CLOUD, Some(&cloud.name));
-        clear_route_cache();
 
-        let method = find(":method").unwrap_or_default();
-        let class = attempts::classify(cfg, method, path, model_header);
-        let content_length = find("content-length")
+        let class = attempts::classify(
+            cfg,
+            hdrs.get(":method").unwrap_or_default(),
+            path,
+            model_header,
+        );
+        let content_length = hdrs
+            .get("content-length")
             .and_then(|v| std::str::from_utf8(v).ok())
             .and_then(|v| v.trim().parse::<usize>().ok());
-        let now = now_ms(self);
+        hdrs.set(ctx, headers::CLOUD, &cloud.name);
         let mut attempts = Attempts::start(now, first, scope.allowed, &class);
         let body_state = if end_of_stream {
             Body::Complete(0)
@@ -1032,15 +955,14 @@ impl HttpContext for FailoverStream {
             Body::Incomplete
         };
         attempts.set_body(body_state);
-        // Keep our own header in the copy: replays overwrite it anyway.
-        request_headers.push((headers::CLOUD.to_owned(), cloud.name.as_bytes().to_vec()));
         let flight = Rc::new(RefCell::new(Flight {
             context_id: self.context_id,
             attempts,
             first,
             started_ms: now,
             model: class.model,
-            headers: request_headers,
+            served_prefix: served_prefix.map(str::to_owned),
+            headers: hdrs.into_list(),
             body: Vec::new(),
             body_state,
             request_complete: false,
@@ -1067,18 +989,26 @@ impl HttpContext for FailoverStream {
         Action::Continue
     }
 
-    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        let (Some(shared), Some(f)) = (self.shared.clone(), self.flight.clone()) else {
-            return Action::Continue;
+    /// Request body: keep a copy for replays (up to the cap).
+    pub fn on_request_body(
+        &mut self,
+        ctx: &dyn HttpContext,
+        body_size: usize,
+        end_of_stream: bool,
+        now: impl FnOnce() -> u64,
+    ) {
+        let Some(f) = self.flight.clone() else {
+            return;
         };
+        let shared = &self.shared;
         let mut fl = f.borrow_mut();
         if fl.replied {
-            return Action::Continue;
+            return;
         }
         if fl.body_state == Body::Incomplete {
             if attempts::may_buffer(&shared.cfg, fl.body.len().saturating_add(body_size)) {
                 if body_size > 0 {
-                    if let Some(chunk) = self.get_http_request_body(0, body_size) {
+                    if let Some(chunk) = ctx.get_http_request_body(0, body_size) {
                         fl.body.extend_from_slice(&chunk);
                     }
                 }
@@ -1096,57 +1026,56 @@ impl HttpContext for FailoverStream {
             }
         }
         if end_of_stream && !fl.request_complete {
-            shared.request_complete(&mut fl, now_ms(self));
-        }
-        Action::Continue
-    }
-
-    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
-        if let (Some(shared), Some(f)) = (self.shared.clone(), self.flight.clone()) {
-            let mut fl = f.borrow_mut();
-            if fl.body_state == Body::Incomplete {
-                let state = Body::Complete(fl.body.len());
-                fl.body_state = state;
-                fl.attempts.set_body(state);
-            }
-            if !fl.request_complete {
-                shared.request_complete(&mut fl, now_ms(self));
-            }
-        }
-        Action::Continue
-    }
-
-    fn on_http_response_body(&mut self, _body_size: usize, _end_of_stream: bool) -> Action {
-        // A held failure keeps its body too: with
-        // `allow_on_headers_stop_iteration` Envoy honours the headers'
-        // StopIteration, and a body callback answering Continue would let
-        // the failure out while its replay runs.
-        if self.holding() {
-            Action::Pause
-        } else {
-            Action::Continue
+            shared.request_complete(&mut fl, now());
         }
     }
 
-    fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
-        if self.holding() {
-            Action::Pause
-        } else {
-            Action::Continue
+    /// Request trailers: the request is complete.
+    pub fn on_request_trailers(&mut self, now: impl FnOnce() -> u64) {
+        let Some(f) = self.flight.clone() else {
+            return;
+        };
+        let mut fl = f.borrow_mut();
+        if fl.body_state == Body::Incomplete {
+            let state = Body::Complete(fl.body.len());
+            fl.body_state = state;
+            fl.attempts.set_body(state);
+        }
+        if !fl.request_complete {
+            self.shared.request_complete(&mut fl, now());
         }
     }
 
-    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        let (Some(shared), Some(f)) = (self.shared.clone(), self.flight.clone()) else {
+    /// True while a failed first response is held for a replay: its body
+    /// and trailers are held too (with `allow_on_headers_stop_iteration`
+    /// Envoy honours the headers' StopIteration, and a body callback
+    /// answering Continue would let the failure out while its replay
+    /// runs).
+    pub fn holding(&self) -> bool {
+        self.flight
+            .as_ref()
+            .is_some_and(|f| matches!(f.try_borrow(), Ok(fl) if fl.held && !fl.replied))
+    }
+
+    /// The routed try's response headers. `Pause` holds a failure while a
+    /// replay runs. On a response that passes through, returns the cloud
+    /// that served it in `served_at` (`@cloud`).
+    pub fn on_response_headers(
+        &mut self,
+        ctx: &dyn HttpContext,
+        now: u64,
+        served_at: &mut Option<usize>,
+    ) -> Action {
+        let Some(f) = self.flight.clone() else {
             return Action::Continue;
         };
+        let shared = self.shared.clone();
         if f.borrow().replied {
             // The filter's own reply (a hedge or replay answer, or an
             // error): its headers were set when it was sent.
             return Action::Continue;
         }
-        let now = now_ms(self);
-        let status = self
+        let status = ctx
             .get_http_response_header_bytes(":status")
             .and_then(|v| {
                 std::str::from_utf8(&v)
@@ -1185,7 +1114,7 @@ impl HttpContext for FailoverStream {
             }
             shared.metrics.request(first, core::Outcome::Failed);
             shared.flights.borrow_mut().remove(&self.context_id);
-            self.finish_response(&shared, first);
+            self.finish_response(ctx, first, served_at);
             return Action::Continue;
         }
 
@@ -1202,29 +1131,29 @@ impl HttpContext for FailoverStream {
         }
         f.borrow_mut().replied = true;
         shared.flights.borrow_mut().remove(&self.context_id);
-        self.finish_response(&shared, first);
+        self.finish_response(ctx, first, served_at);
         Action::Continue
     }
-}
 
-impl FailoverStream {
-    /// True while a failed first response is held for a replay.
-    fn holding(&self) -> bool {
-        self.flight
-            .as_ref()
-            .is_some_and(|f| matches!(f.try_borrow(), Ok(fl) if fl.held && !fl.replied))
+    /// A response that passes through: which cloud served it, and whether
+    /// it could have been replayed.
+    fn finish_response(&self, ctx: &dyn HttpContext, cloud: usize, served_at: &mut Option<usize>) {
+        *served_at = Some(cloud);
+        if self.not_buffered {
+            ctx.set_http_response_header(REPLAY_HEADER, Some("off; body over max_body_bytes"));
+        }
     }
 
-    /// Headers on a response that passes through: who served it, and
-    /// whether it could have been replayed.
-    fn finish_response(&self, shared: &Shared, cloud: usize) {
-        if shared.cfg.served_by_header {
-            if let Some(at) = shared.served_by.get(cloud) {
-                self.set_http_response_header(headers::SERVED_BY, Some(at));
-            }
-        }
-        if self.not_buffered {
-            self.set_http_response_header(REPLAY_HEADER, Some("off; body over max_body_bytes"));
-        }
+    /// The stage answered the request itself (a replay, a hedge or an
+    /// error): the reply's headers are set.
+    pub fn replied(&self) -> bool {
+        self.flight
+            .as_ref()
+            .is_some_and(|f| matches!(f.try_borrow(), Ok(fl) if fl.replied))
+    }
+
+    /// `@cloud` of a cloud index.
+    pub fn served_at(&self, cloud: usize) -> Option<&str> {
+        self.shared.served_by.get(cloud).map(String::as_str)
     }
 }

@@ -1,0 +1,446 @@
+//! `infermesh.wasm`: the one shipped Envoy module. Its pluginConfig has a
+//! section per stage (`router`, `canary`, `failover`; see
+//! `filter_core::config::module`), and every configured stage runs in one
+//! pass over one stream context:
+//!
+//! - the request header map is read from the host **once** and every stage
+//!   asks that copy ([`request::RequestHeaders`]);
+//! - client-sent `x-infermesh-*` headers are removed once, unless every
+//!   stage trusts them;
+//! - model-router decides the model (and a pinned version), canary the
+//!   version, failover the cloud; each writes its header, and the route
+//!   cache is cleared **once**, after the last stage, so Envoy re-picks the
+//!   route on what they wrote (envoy PR #36671: a filter ahead may already
+//!   have computed it);
+//! - the response gets one `x-infermesh-served-by: model/version@cloud`.
+//!
+//! The stage modules only translate host callbacks; decisions live in
+//! `filter-core`. A panic would trap the VM, so none of this code can
+//! panic on request data.
+
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
+
+mod canary;
+mod canary_metrics;
+mod failover;
+mod failover_metrics;
+mod request;
+mod router;
+mod router_metrics;
+
+use std::rc::Rc;
+use std::time::Duration;
+
+use filter_core::config::module::{self, ModuleConfig};
+use filter_core::headers;
+use filter_shim::{clear_route_cache, now_ms, now_nanos};
+use log::{error, info, warn};
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, ContextType, LogLevel};
+
+use request::RequestHeaders;
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(LogLevel::Info);
+    proxy_wasm::set_root_context(|id| -> Box<dyn RootContext> {
+        Box::new(Root { id, stages: None, ticks: 0, steps: Vec::new(), weights_at_ms: 0 })
+    });
+}}
+
+/// Without failover, the root ticks only for canary schedules.
+const SCHEDULE_TICK_MS: u64 = 1_000;
+
+/// Every configured stage, shared by the HTTP contexts of one VM.
+struct Stages {
+    router: Option<router::Router>,
+    canary: Option<canary::Canary>,
+    failover: Option<Rc<failover::Shared>>,
+    strip: bool,
+    served_by: bool,
+}
+
+impl Stages {
+    fn new(root_id: u32, cfg: ModuleConfig, seed: u64) -> Result<Stages, String> {
+        let strip = cfg.strips_downstream_headers();
+        let served_by = cfg.served_by_header();
+        let stages = cfg.stages().join(" -> ");
+        let defined = |stage: &str, e| format!("cannot define the {stage} metrics: {e:?}");
+        let router = cfg
+            .router
+            .map(router::Router::new)
+            .transpose()
+            .map_err(|e| defined("router", e))?;
+        let canary = cfg
+            .canary
+            .map(|c| canary::Canary::new(c, seed))
+            .transpose()
+            .map_err(|e| defined("canary", e))?;
+        let failover = cfg
+            .failover
+            .map(|c| failover::configure(root_id, c, served_by))
+            .transpose()
+            .map_err(|e| defined("failover", e))?;
+        info!(
+            "infermesh: configured {stages}; client x-infermesh-* headers {}",
+            if strip { "removed" } else { "trusted" }
+        );
+        Ok(Stages {
+            router,
+            canary,
+            failover,
+            strip,
+            served_by,
+        })
+    }
+
+    /// Counts stripped headers on the first stage's metric, as that
+    /// stage's single-stage filter did.
+    fn count_stripped(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        if let Some(r) = &self.router {
+            r.metrics.stripped(n);
+        } else if let Some(c) = &self.canary {
+            c.metrics.stripped(n);
+        } else if let Some(f) = &self.failover {
+            f.stripped(n);
+        }
+    }
+}
+
+struct Root {
+    id: u32,
+    stages: Option<Rc<Stages>>,
+    ticks: u32,
+    /// Active schedule step per canary split, to log step changes once.
+    steps: Vec<Option<usize>>,
+    /// When the canary weight gauges were last refreshed.
+    weights_at_ms: u64,
+}
+
+impl Context for Root {
+    fn on_http_call_response(
+        &mut self,
+        token_id: u32,
+        num_headers: usize,
+        body_size: usize,
+        _num_trailers: usize,
+    ) {
+        if let Some(f) = self.stages.as_ref().and_then(|s| s.failover.clone()) {
+            let now = now_ms(self);
+            f.on_root_call_response(token_id, num_headers, body_size, now);
+        }
+    }
+}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        let Some(cfg) = filter_shim::parse_plugin_config(self, module::parse) else {
+            return false;
+        };
+        // Seed per VM from the clock's nanoseconds (std::process::id panics
+        // on WASI).
+        let stages = match Stages::new(self.id, cfg, now_nanos(self)) {
+            Ok(s) => Rc::new(s),
+            Err(e) => {
+                error!("infermesh: {e}");
+                return false;
+            }
+        };
+        let has_schedule = stages.canary.as_ref().is_some_and(|c| c.has_schedule());
+        self.stages = Some(stages);
+        self.refresh_weights(now_ms(self));
+        if self.stages.as_ref().is_some_and(|s| s.failover.is_some()) {
+            self.set_tick_period(Duration::from_millis(failover::TICK_MS));
+        } else if has_schedule {
+            self.set_tick_period(Duration::from_millis(SCHEDULE_TICK_MS));
+        }
+        true
+    }
+
+    fn on_tick(&mut self) {
+        let now = now_ms(self);
+        self.ticks = self.ticks.wrapping_add(1);
+        if now.saturating_sub(self.weights_at_ms) >= SCHEDULE_TICK_MS {
+            self.refresh_weights(now);
+        }
+        if let Some(f) = self.stages.as_ref().and_then(|s| s.failover.clone()) {
+            f.on_tick(now, self.ticks);
+        }
+    }
+
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        let stages = self.stages.clone();
+        let failover = stages
+            .as_ref()
+            .and_then(|s| s.failover.clone())
+            .map(|f| failover::Stage::new(context_id, f));
+        Some(Box::new(Stream {
+            stages,
+            failover,
+            hdrs: None,
+            served: None,
+            served_at: None,
+            done: false,
+        }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+impl Root {
+    /// Publishes the canary weights in force and logs schedule steps.
+    fn refresh_weights(&mut self, now: u64) {
+        self.weights_at_ms = now;
+        if let Some(c) = self.stages.as_ref().and_then(|s| s.canary.as_ref()) {
+            c.refresh_weights(now, &mut self.steps);
+        }
+    }
+}
+
+/// Which stage's `model/version` names what served the request.
+#[derive(Debug, Clone, Copy)]
+enum Served {
+    Router(usize, usize),
+    Canary(usize, usize),
+}
+
+struct Stream {
+    stages: Option<Rc<Stages>>,
+    failover: Option<failover::Stage>,
+    /// The header copy while model-router waits for the body.
+    hdrs: Option<RequestHeaders>,
+    served: Option<Served>,
+    /// The cloud failover reports for a response that passed through.
+    served_at: Option<usize>,
+    /// A stage answered the request itself.
+    done: bool,
+}
+
+impl Context for Stream {
+    fn on_http_call_response(
+        &mut self,
+        token_id: u32,
+        num_headers: usize,
+        body_size: usize,
+        _num_trailers: usize,
+    ) {
+        if let Some(f) = &self.failover {
+            f.on_call_response(token_id, num_headers, body_size, now_ms(self));
+        }
+    }
+}
+
+impl HttpContext for Stream {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        let Some(stages) = self.stages.clone() else {
+            // Unreachable in Envoy (no stream before a successful
+            // configure), but never serve a request with no config.
+            warn!("infermesh: request before configuration; refusing it");
+            filter_shim::send_json_error(self, 503, NOT_CONFIGURED);
+            return Action::Pause;
+        };
+        let mut hdrs = RequestHeaders::read(self);
+        if stages.strip {
+            stages.count_stripped(hdrs.strip_owned(self));
+        }
+        if let Some(router) = &stages.router {
+            match router.on_headers(self, &mut hdrs, end_of_stream) {
+                router::Step::Done(served) => {
+                    self.served = served.map(|(m, v)| Served::Router(m, v));
+                }
+                router::Step::NeedBody => {
+                    self.hdrs = Some(hdrs);
+                    return Action::Pause;
+                }
+                router::Step::Replied => return self.replied(),
+            }
+        }
+        self.after_router(&stages, hdrs, end_of_stream)
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let Some(stages) = self.stages.clone() else {
+            return Action::Continue;
+        };
+        if self.done {
+            return Action::Continue;
+        }
+        if let (Some(router), Some(mut hdrs)) = (&stages.router, self.hdrs.take()) {
+            let Some(step) = router.on_body(self, &mut hdrs, body_size, end_of_stream) else {
+                self.hdrs = Some(hdrs);
+                return Action::Pause; // keep buffering
+            };
+            match step {
+                router::Step::Done(served) => {
+                    self.served = served.map(|(m, v)| Served::Router(m, v));
+                }
+                router::Step::NeedBody => {
+                    self.hdrs = Some(hdrs);
+                    return Action::Pause;
+                }
+                router::Step::Replied => return self.replied(),
+            }
+            if self.after_router(&stages, hdrs, false) == Action::Pause {
+                return Action::Pause;
+            }
+            // The whole buffered body so far is this stream's body for
+            // failover's copy.
+        }
+        if let Some(f) = self.failover.as_mut() {
+            let ctx: &dyn HttpContext = &Host;
+            f.on_request_body(ctx, body_size, end_of_stream, || now_ms(&Host));
+        }
+        Action::Continue
+    }
+
+    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        let Some(stages) = self.stages.clone() else {
+            return Action::Continue;
+        };
+        if self.done {
+            return Action::Continue;
+        }
+        if let (Some(router), Some(mut hdrs)) = (&stages.router, self.hdrs.take()) {
+            match router.on_trailers(self, &mut hdrs) {
+                router::Step::Done(served) => {
+                    self.served = served.map(|(m, v)| Served::Router(m, v));
+                }
+                router::Step::NeedBody => {}
+                router::Step::Replied => return self.replied(),
+            }
+            if self.after_router(&stages, hdrs, false) == Action::Pause {
+                return Action::Pause;
+            }
+            if let Some(f) = self.failover.as_mut() {
+                // What was buffered is the whole body.
+                let size = Host
+                    .get_http_request_body(0, usize::MAX)
+                    .map_or(0, |b| b.len());
+                f.on_request_body(&Host, size, true, || now_ms(&Host));
+            }
+        }
+        if let Some(f) = self.failover.as_mut() {
+            f.on_request_trailers(|| now_ms(&Host));
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        let Some(stages) = self.stages.clone() else {
+            return Action::Continue;
+        };
+        if self.done {
+            return Action::Continue;
+        }
+        let mut from_failover = false;
+        if let Some(f) = self.failover.as_mut() {
+            let mut served_at = None;
+            let action = f.on_response_headers(&Host, now_ms(&Host), &mut served_at);
+            if action == Action::Pause {
+                return action;
+            }
+            match served_at {
+                Some(cloud) => self.served_at = Some(cloud),
+                // The stage's own reply: its headers are set.
+                None => from_failover = f.replied(),
+            }
+        }
+        if stages.served_by && !from_failover {
+            let prefix = self.served_prefix(&stages);
+            let at = match (self.served_at, &self.failover) {
+                (Some(cloud), Some(f)) => f.served_at(cloud),
+                _ => None,
+            };
+            let value = match (prefix, at) {
+                (Some(p), Some(a)) => Some(format!("{p}{a}")),
+                (Some(p), None) => Some(p.to_owned()),
+                (None, Some(a)) => Some(a.to_owned()),
+                (None, None) => None,
+            };
+            if let Some(v) = value {
+                self.set_http_response_header(headers::SERVED_BY, Some(&v));
+            }
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, _body_size: usize, _end_of_stream: bool) -> Action {
+        self.response_action()
+    }
+
+    fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
+        self.response_action()
+    }
+}
+
+/// The local reply of a stream that reached no configured stage.
+const NOT_CONFIGURED: &[u8] = br#"{"error":"infermesh filter is not configured"}"#;
+
+/// The host as seen from a stage that needs an `HttpContext` while the
+/// stream itself is mutably borrowed: every call goes to the current
+/// (effective) context, which during a stream callback is that stream.
+struct Host;
+impl Context for Host {}
+impl HttpContext for Host {}
+
+impl Stream {
+    /// Canary and failover, once model-router has decided.
+    fn after_router(
+        &mut self,
+        stages: &Stages,
+        mut hdrs: RequestHeaders,
+        end_of_stream: bool,
+    ) -> Action {
+        if let Some(canary) = &stages.canary {
+            if let Some((s, v)) = canary.decide(&Host, &mut hdrs, || now_ms(&Host)) {
+                self.served = Some(Served::Canary(s, v));
+            }
+        }
+        let changed = hdrs.changed();
+        let prefix = self.served_prefix(stages).map(str::to_owned);
+        let action = match self.failover.as_mut() {
+            Some(f) => {
+                f.on_request_headers(&Host, hdrs, end_of_stream, prefix.as_deref(), now_ms(&Host))
+            }
+            None => Action::Continue,
+        };
+        if action == Action::Pause {
+            return self.replied();
+        }
+        // Failover always writes its header; the others only when they
+        // decided (or stripped a client's).
+        if changed || self.failover.is_some() {
+            clear_route_cache();
+        }
+        Action::Continue
+    }
+
+    fn replied(&mut self) -> Action {
+        self.done = true;
+        Action::Pause
+    }
+
+    fn served_prefix<'s>(&self, stages: &'s Stages) -> Option<&'s str> {
+        match self.served? {
+            Served::Router(m, v) => stages.router.as_ref()?.served_by(m, v),
+            Served::Canary(s, v) => stages.canary.as_ref()?.served_by(s, v),
+        }
+    }
+
+    fn response_action(&self) -> Action {
+        if self.failover.as_ref().is_some_and(failover::Stage::holding) {
+            Action::Pause
+        } else {
+            Action::Continue
+        }
+    }
+}
