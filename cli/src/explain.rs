@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 
 use filter_core::canary::{self, Decision, Request};
 use filter_core::config::canary::CanaryConfig;
+use filter_core::config::module::ModuleConfig;
 use filter_core::config::router::RouterConfig;
 use filter_core::hash::{bucket, BUCKETS};
 use filter_core::router;
@@ -42,6 +43,130 @@ impl ExplainRequest {
 
 fn pct(bp: u32) -> String {
     format!("{:.2}%", f64::from(bp) / 100.0)
+}
+
+/// Explains every configured stage of the module, in the order they run;
+/// each stage sees the request as the stages ahead left it (their
+/// headers set, the path rewritten), as in the filter, and trusts what
+/// they wrote.
+pub fn module(cfg: &ModuleConfig, req: &ExplainRequest) -> Result<String, String> {
+    let mut out = String::new();
+    let mut req = req.clone();
+    if cfg.strips_downstream_headers() {
+        let before = req.headers.len();
+        req.headers.retain(|(name, _)| !headers::is_owned(name));
+        if req.headers.len() < before {
+            let _ = writeln!(
+                out,
+                "module:    removed {} client x-infermesh-* header(s) (not every stage trusts them)",
+                before - req.headers.len()
+            );
+        }
+    }
+    if let Some(router_cfg) = &cfg.router {
+        let _ = writeln!(out, "== router");
+        let mut stage = router_cfg.clone();
+        stage.trust_downstream_headers = true;
+        out.push_str(&router(&stage, &req));
+        let Some(set) = router_outcome(&stage, &req) else {
+            return Ok(out); // the router answered
+        };
+        for (name, value) in set {
+            set_header(&mut req, &name, value);
+        }
+    }
+    if let Some(canary_cfg) = &cfg.canary {
+        let _ = writeln!(out, "== canary");
+        let mut stage = canary_cfg.clone();
+        stage.trust_downstream_headers = true;
+        out.push_str(&canary(&stage, &req));
+        if let Some(v) = canary_version(&stage, &req) {
+            set_header(&mut req, headers::VERSION, v.into_bytes());
+        }
+    }
+    if let Some(failover_cfg) = &cfg.failover {
+        let _ = writeln!(out, "== failover");
+        let mut stage = failover_cfg.clone();
+        stage.trust_downstream_headers = true;
+        out.push_str(&failover(&stage, &req)?);
+    }
+    Ok(out)
+}
+
+fn set_header(req: &mut ExplainRequest, name: &str, value: Vec<u8>) {
+    if name == ":path" {
+        req.path = String::from_utf8_lossy(&value).into_owned();
+        return;
+    }
+    req.headers.retain(|(n, _)| n != name);
+    req.headers.push((name.to_owned(), value));
+}
+
+/// The headers the router stage writes, or `None` when it answers the
+/// request itself.
+fn router_outcome(cfg: &RouterConfig, req: &ExplainRequest) -> Option<Vec<(String, Vec<u8>)>> {
+    let header = |name: &Option<String>| name.as_deref().and_then(|h| req.header(h));
+    let (hm, hv) = (header(&cfg.model_header), header(&cfg.version_header));
+    let path = req.path.as_bytes();
+    let body = match (&req.body, &cfg.body) {
+        (Some(b), Some(src)) if router::needs_body(cfg, path, hm.is_some(), hv.is_some()) => {
+            if b.len() > src.max_bytes {
+                router::Body::TooLarge
+            } else {
+                router::Body::Complete(b)
+            }
+        }
+        _ => router::Body::None,
+    };
+    let r = router::Request {
+        path,
+        header_model: hm.as_deref(),
+        header_version: hv.as_deref(),
+        body,
+    };
+    match router::decide(cfg, &r).0 {
+        router::Decision::Route {
+            model,
+            version,
+            rewrite,
+            ..
+        } => {
+            let m = cfg.models.get(model)?;
+            let mut set = vec![(headers::MODEL.to_owned(), m.name.clone().into_bytes())];
+            if let Some(v) = version.and_then(|i| m.versions.get(i)) {
+                set.push((headers::VERSION.to_owned(), v.clone().into_bytes()));
+            }
+            if let Some(p) = rewrite {
+                set.push((":path".to_owned(), p.into_bytes()));
+            }
+            Some(set)
+        }
+        router::Decision::Reject { .. } => None,
+        router::Decision::Pass { .. } => Some(Vec::new()),
+    }
+}
+
+/// The version the canary stage writes, if any.
+fn canary_version(cfg: &CanaryConfig, req: &ExplainRequest) -> Option<String> {
+    let key = canary::sticky_key(&cfg.sticky_key, |h| req.header(h));
+    let overridden = cfg.override_header.as_deref().and_then(|h| req.header(h));
+    let model = req.header(headers::MODEL);
+    let version = req.header(headers::VERSION);
+    let r = Request {
+        path: req.path.as_bytes(),
+        trusted_model: model.as_deref(),
+        trusted_version: version.as_deref(),
+        override_version: overridden.as_deref(),
+        sticky_key: key.as_deref(),
+    };
+    // Unkeyed requests get a random bucket in the filter; 0 here, as the
+    // canary explanation says.
+    let (split, version) = match canary::decide(cfg, &r, req.now_ms, 0) {
+        Decision::Unmatched => return None,
+        Decision::Pinned { split, version } => (split, version?),
+        Decision::Split { split, version, .. } => (split, version),
+    };
+    cfg.splits.get(split)?.versions.get(version).cloned()
 }
 
 /// Explains the canary filter's decision, as text.

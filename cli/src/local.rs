@@ -112,10 +112,7 @@ pub fn prepare(root: &Path) -> Result<(PathBuf, PathBuf), String> {
     let dist = std::env::var_os(mesh::wasm::WASM_DIR_ENV)
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("dist"));
-    if ["canary", "model-router", "failover"]
-        .iter()
-        .any(|f| !dist.join(format!("{f}.wasm")).is_file())
-    {
+    if !dist.join("infermesh.wasm").is_file() {
         run(root, "wasm-build.sh", &[])?;
     }
     let sidecar = std::env::var_os("INFERMESH_SIDECAR_BIN")
@@ -232,8 +229,6 @@ impl LocalMesh {
         let router_config = router_config();
         let canary_config = canary_config(opts.canary_percent, opts.step);
         let failover_config = failover_config();
-        filter_core::config::failover::parse(failover_config.to_string().as_bytes())
-            .map_err(|e| format!("the local mesh's failover config: {e}"))?;
         let dir = tempfile::Builder::new()
             .prefix("infermesh-local-")
             .tempdir()
@@ -247,25 +242,21 @@ impl LocalMesh {
         for (c, s) in CLOUDS.iter().zip(&sidecars) {
             b = b.cluster(&c.cluster(), s.addr);
         }
-        b = routes(b)
-            .wasm(
-                WasmFilter::new(
-                    "infermesh-model-router",
-                    &dist.join("model-router.wasm"),
-                    router_config.to_string(),
-                )
-                .allow_on_headers_stop_iteration(true),
+        let module = serde_json::json!({
+            "router": router_config,
+            "canary": canary_config,
+            "failover": failover_config,
+        });
+        filter_core::config::module::parse(module.to_string().as_bytes())
+            .map_err(|e| format!("the local mesh's module config: {e}"))?;
+        b = routes(b).wasm(
+            WasmFilter::new(
+                "infermesh",
+                &dist.join("infermesh.wasm"),
+                module.to_string(),
             )
-            .wasm(WasmFilter::new(
-                "infermesh-canary",
-                &dist.join("canary.wasm"),
-                canary_config.to_string(),
-            ))
-            .wasm(WasmFilter::new(
-                "infermesh-failover",
-                &dist.join("failover.wasm"),
-                failover_config.to_string(),
-            ));
+            .allow_on_headers_stop_iteration(true),
+        );
         let envoy = Envoy::try_start(&b).await.map_err(|f| {
             format!(
                 "Envoy did not start: {}\n{}",
@@ -294,7 +285,7 @@ impl LocalMesh {
     /// A summary of what runs where.
     pub fn describe(&self) -> String {
         let mut out = format!(
-            "  envoy  http://{}   (admin http://{}; filters: model-router -> canary -> failover, V8)\n",
+            "  envoy  http://{}   (admin http://{}; infermesh.wasm: router -> canary -> failover, V8)\n",
             self.envoy.listener, self.envoy.admin
         );
         for (priority, (c, s)) in CLOUDS.iter().zip(&self.sidecars).enumerate() {

@@ -170,6 +170,11 @@ fn run_explain(args: &[String]) -> Result<ExitCode, String> {
     };
     let bytes = std::fs::read(&config).map_err(|e| format!("{}: {e}", config.display()))?;
     match filter {
+        Filter::Module => {
+            let cfg = filter_core::config::module::parse(&bytes)
+                .map_err(|e| format!("{}: invalid pluginConfig: {e}", config.display()))?;
+            print!("{}", explain::module(&cfg, &req)?);
+        }
         Filter::Canary => {
             let cfg = filter_core::config::canary::parse(&bytes)
                 .map_err(|e| format!("{}: invalid pluginConfig: {e}", config.display()))?;

@@ -5,21 +5,30 @@ use std::path::{Path, PathBuf};
 use serde_json::{Map, Number, Value};
 use yaml_rust2::{Yaml, YamlLoader};
 
-/// A filter infermesh ships, named as in `app.kubernetes.io/component`,
-/// `examples/config/<filter>.json` and `wasm-build.sh`'s output.
+/// A pluginConfig schema, named as in `app.kubernetes.io/component` and
+/// `examples/config/<name>.json`: the module's (`infermesh`, a section per
+/// stage, what `infermesh.wasm` takes), or one stage's alone (the schema
+/// of that section).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Filter {
+    Module,
     Canary,
     ModelRouter,
     Failover,
 }
 
 impl Filter {
-    /// In the order the filters run in a request's chain.
-    pub const ALL: [Filter; 3] = [Filter::ModelRouter, Filter::Canary, Filter::Failover];
+    /// The module, then the stages in the order they run.
+    pub const ALL: [Filter; 4] = [
+        Filter::Module,
+        Filter::ModelRouter,
+        Filter::Canary,
+        Filter::Failover,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
+            Filter::Module => "infermesh",
             Filter::Canary => "canary",
             Filter::ModelRouter => "model-router",
             Filter::Failover => "failover",
@@ -48,6 +57,7 @@ impl Filter {
     /// Parses a pluginConfig with the filter's own parser.
     pub fn check(self, config: &[u8]) -> Result<(), filter_core::ConfigError> {
         match self {
+            Filter::Module => filter_core::config::module::parse(config).map(drop),
             Filter::Canary => filter_core::config::canary::parse(config).map(drop),
             Filter::ModelRouter => filter_core::config::router::parse(config).map(drop),
             Filter::Failover => filter_core::config::failover::parse(config).map(drop),

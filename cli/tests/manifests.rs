@@ -17,14 +17,13 @@ fn every_wasmplugin_in_istio_parses() {
     let findings = check_path(&repo("istio"), None);
     let bad: Vec<_> = findings.iter().filter(|f| !f.ok()).collect();
     assert!(bad.is_empty(), "{bad:#?}");
-    // Each shipped filter has a WasmPlugin, so the loop above checked it.
-    for filter in Filter::ALL {
-        assert!(
-            findings.iter().any(|f| f.filter == Some(filter.name())),
-            "no WasmPlugin for {} in istio/: {findings:#?}",
-            filter.name()
-        );
-    }
+    // The module has a WasmPlugin with every stage, so the loop above
+    // checked each section.
+    let plugins = wasm_plugins(&repo("istio/infermesh-wasmplugin.yaml")).unwrap();
+    assert_eq!(plugins.len(), 1);
+    assert_eq!(plugins[0].component.as_deref(), Some(Filter::Module.name()));
+    let cfg = filter_core::config::module::parse(&plugins[0].plugin_config).unwrap();
+    assert_eq!(cfg.stages(), ["router", "canary", "failover"]);
 }
 
 #[test]
@@ -41,7 +40,7 @@ fn every_example_config_parses() {
 fn a_broken_pluginconfig_in_a_manifest_is_named() {
     let dir = std::env::temp_dir().join(format!("infermesh-manifest-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let text = std::fs::read_to_string(repo("istio/canary-wasmplugin.yaml")).unwrap();
+    let text = std::fs::read_to_string(repo("istio/infermesh-wasmplugin.yaml")).unwrap();
     // Break the first split's weights: 90/10 -> 90/20.
     let broken = text.replacen("weight: 10\n", "weight: 20\n", 1);
     assert_ne!(broken, text, "the manifest changed shape; update this test");
@@ -53,24 +52,26 @@ fn a_broken_pluginconfig_in_a_manifest_is_named() {
     let err = findings[0].error.as_deref().unwrap_or("");
     assert_eq!(
         err,
-        "pluginConfig.splits[0].versions: weights sum to 110%, not 100%"
+        "pluginConfig.canary.splits[0].versions: weights sum to 110%, not 100%"
     );
 }
 
 #[test]
 fn yaml_files_are_found_recursively() {
     let files = yaml_files(&repo("istio")).unwrap();
-    assert!(files.iter().any(|f| f.ends_with("canary-wasmplugin.yaml")));
-    let plugins = wasm_plugins(&repo("istio/canary-wasmplugin.yaml")).unwrap();
+    assert!(files
+        .iter()
+        .any(|f| f.ends_with("infermesh-wasmplugin.yaml")));
+    let plugins = wasm_plugins(&repo("istio/infermesh-wasmplugin.yaml")).unwrap();
     assert_eq!(plugins.len(), 1);
-    assert_eq!(plugins[0].component.as_deref(), Some("canary"));
+    assert_eq!(plugins[0].component.as_deref(), Some("infermesh"));
 }
 
 #[test]
 fn a_broken_config_in_an_envoyfilter_is_named() {
     let dir = std::env::temp_dir().join(format!("infermesh-envoyfilter-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let text = std::fs::read_to_string(repo("istio/model-router-body-envoyfilter.yaml")).unwrap();
+    let text = std::fs::read_to_string(repo("istio/infermesh-body-envoyfilter.yaml")).unwrap();
     let broken = text.replacen("\"max_bytes\": 262144", "\"max_bytes\": 0", 1);
     assert_ne!(broken, text, "the manifest changed shape; update this test");
     std::fs::write(dir.join("broken.yaml"), broken).unwrap();
@@ -80,12 +81,12 @@ fn a_broken_config_in_an_envoyfilter_is_named() {
     assert!(
         findings[0]
             .what
-            .ends_with("EnvoyFilter/infermesh-model-router-body#configPatches[0]"),
+            .ends_with("EnvoyFilter/infermesh-body#configPatches[0]"),
         "{findings:#?}"
     );
     assert_eq!(
         findings[0].error.as_deref(),
-        Some("pluginConfig.body.max_bytes: 0: must be between 1 and 16777216")
+        Some("pluginConfig.router.body.max_bytes: 0: must be between 1 and 16777216")
     );
 }
 
@@ -110,7 +111,7 @@ fn istio_readme_declares_every_stat_tag() {
 fn a_broken_failover_pluginconfig_is_named() {
     let dir = std::env::temp_dir().join(format!("infermesh-failover-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let text = std::fs::read_to_string(repo("istio/failover-wasmplugin.yaml")).unwrap();
+    let text = std::fs::read_to_string(repo("istio/infermesh-wasmplugin.yaml")).unwrap();
     // A probe timeout longer than the interval would let rounds overlap.
     let broken = text.replacen("timeout_ms: 1000\n", "timeout_ms: 6000\n", 1);
     assert_ne!(broken, text, "the manifest changed shape; update this test");
@@ -118,10 +119,10 @@ fn a_broken_failover_pluginconfig_is_named() {
     let findings = check_path(&dir, None);
     std::fs::remove_dir_all(&dir).ok();
     assert_eq!(findings.len(), 1, "{findings:#?}");
-    assert_eq!(findings[0].filter, Some("failover"));
+    assert_eq!(findings[0].filter, Some("infermesh"));
     assert_eq!(
         findings[0].error.as_deref(),
-        Some("pluginConfig.health.probe.timeout_ms: 6000ms is longer than interval_ms (5000ms): probes would overlap")
+        Some("pluginConfig.failover.health.probe.timeout_ms: 6000ms is longer than interval_ms (5000ms): probes would overlap")
     );
 }
 
@@ -149,10 +150,10 @@ fn kind<'a>(docs: &'a [Value], k: &'a str) -> impl Iterator<Item = &'a Value> + 
 fn failover_clouds_match_the_serviceentries_and_routes() {
     let docs = istio_docs();
     let plugin = kind(&docs, "WasmPlugin")
-        .find(|d| d["metadata"]["labels"]["app.kubernetes.io/component"] == "failover")
-        .expect("a failover WasmPlugin in istio/");
+        .find(|d| d["metadata"]["labels"]["app.kubernetes.io/component"] == "infermesh")
+        .expect("the infermesh WasmPlugin in istio/");
     let cfg = filter_core::config::failover::parse(
-        &serde_json::to_vec(&plugin["spec"]["pluginConfig"]).unwrap(),
+        &serde_json::to_vec(&plugin["spec"]["pluginConfig"]["failover"]).unwrap(),
     )
     .unwrap();
     // host -> ports of every ServiceEntry.
