@@ -15,7 +15,7 @@
 #                       outlier detection and retries
 #   native-priority-hc  native-priority + active HTTP health checks on
 #                       /v2/health/ready (500 ms interval, 200 ms timeout)
-#   infermesh           the failover Wasm filter (dist/failover.wasm) with
+#   infermesh           the failover Wasm filter (dist/infermesh.wasm) with
 #                       header routes per cloud
 # Results: a markdown table on stdout and bench/results/failover-<ts>/
 # (table.md, <variant>-<scenario>.json with every request, logs).
@@ -24,7 +24,7 @@
 #   VARIANTS=native-priority,native-aggregate,native-priority-hc,infermesh
 #   SCENARIOS=kill,hang   RATE=200   WARMUP_S=5   FAULT_S=10
 #   KILL_BACK_S=25 KILL_END_S=60 HANG_BACK_S=80 HANG_END_S=110
-#   WASM=path/to/failover.wasm  (default: build it with ./wasm-build.sh)
+#   WASM=path/to/infermesh.wasm  (default: build it with ./wasm-build.sh)
 # A default run takes about 12 minutes.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -40,8 +40,8 @@ wasm_args=()
 if [[ ",$variants," == *",infermesh,"* ]]; then
   wasm="${WASM:-}"
   if [ -z "$wasm" ]; then
-    if [ -f filters/failover/src/lib.rs ] && ./wasm-build.sh >&2; then
-      wasm="dist/failover.wasm"
+    if ./wasm-build.sh >&2; then
+      wasm="dist/infermesh.wasm"
     fi
   fi
   if [ -n "$wasm" ] && [ -f "$wasm" ]; then

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Filter benchmark: Envoy native weighted_clusters vs Wasm filters on V8
-# (no-op floor, minimal header-hash filter, the canary and model-router
-# filters).
+# (no-op floor, minimal header-hash filter, the shipped infermesh.wasm with
+# one or more stages, and the three single-stage modules it replaced, built
+# from OLD_REF so both are measured in the same rounds).
 #
 # Envoy runs with --concurrency 1 pinned to core 0; wrk, the paced client
 # and the upstream (a one-thread hyper server) share core 1. Each round
@@ -13,7 +14,14 @@
 #   DURATION=10     seconds per measured run (saturation and paced each)
 #   RATE=3000       paced rate, req/s
 #   WARMUP=2        seconds of unmeasured load before each measurement
-#   VARIANTS=native,noop,hash,canary   (see bench/envoy/run_filters.py for
+#   VARIANTS=native,noop,hash,module-canary,module-router+canary,module-chain,
+#            module-unconcerned
+#                   (the one module: module-canary, module-router+canary,
+#                   module-chain (all three stages), module-failover,
+#                   module-chain-post (POST body copied for replay),
+#                   module-unconcerned (a request no stage decides on);
+#                   the modules it replaced: canary, router+canary,
+#                   router+canary+failover, and below; see bench/envoy/run_filters.py for
 #                   the attribution variants: hash+path, hash+strip,
 #                   hash+metric, hash+servedby, hash+all, canary-noserved,
 #                   canary-trust; and the model-router ones: router (pinned
@@ -26,6 +34,8 @@
 #                   failover-post (the POST body copied for replay; paired
 #                   with native-post), router+canary+failover (the chain))
 #   REBUILD_CANARY=1  rebuild dist/*.wasm with ./wasm-build.sh even if present
+#   OLD_REF=ee632cb   the commit whose single-stage modules (canary,
+#                   model-router, failover) the old variants run
 #   BASE_PORT=28080 loopback ports BASE_PORT..BASE_PORT+10
 #   NICE=-10        nice level of Envoy, load and upstream (0 when not root)
 set -euo pipefail
@@ -40,8 +50,24 @@ if ! command -v wrk >/dev/null 2>&1; then
 fi
 command -v taskset >/dev/null || { echo "filters.sh: taskset (util-linux) is missing" >&2; exit 1; }
 [ -x .tools/bin/envoy ] || scripts/tools.sh envoy
-if [ "${REBUILD_CANARY:-0}" = 1 ] || [ ! -f dist/canary.wasm ] || [ ! -f dist/model-router.wasm ] || [ ! -f dist/failover.wasm ]; then
+if [ "${REBUILD_CANARY:-0}" = 1 ] || [ ! -f dist/infermesh.wasm ]; then
   ./wasm-build.sh
+fi
+
+# The single-stage modules infermesh.wasm replaced, for the old variants:
+# built once from OLD_REF in a scratch worktree (its own target dir).
+old_ref="${OLD_REF:-ee632cb}"
+old_out="bench/results/wasm/old"
+if [ ! -f "$old_out/$old_ref" ] && git cat-file -e "$old_ref^{commit}" 2>/dev/null; then
+  old_tree="$(mktemp -d)/tree"
+  git worktree add -q --detach "$old_tree" "$old_ref"
+  (cd "$old_tree" && ./wasm-build.sh "$old_tree/dist" >&2) || echo "filters.sh: building $old_ref failed" >&2
+  mkdir -p "$old_out"
+  for f in canary model-router failover; do
+    [ -f "$old_tree/dist/$f.wasm" ] && cp "$old_tree/dist/$f.wasm" "$old_out/$f.wasm"
+  done
+  touch "$old_out/$old_ref"
+  git worktree remove --force "$old_tree"
 fi
 
 cargo build --release -p bench-tools

@@ -8,7 +8,8 @@
 #   models   onnx, skl2onnx, scikit-learn, onnxruntime: regenerate examples/models
 #   client   tritonclient[http] and friends: sidecar client tests
 #   bench    FastAPI + uvicorn + onnxruntime baselines for bench/
-#   wasm     the rustup wasm32-wasip1 target
+#   wasm     the rustup wasm32-wasip1 target, and wasm-opt (Debian's
+#            binaryen) so modules ship optimised as CI builds them
 # Each group is pinned in python/requirements-GROUP.txt. Prints what it has.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -56,6 +57,16 @@ for g in "${groups[@]}"; do
         rustup target add wasm32-wasip1
       fi
       echo "rust target: wasm32-wasip1"
+      if ! command -v wasm-opt >/dev/null 2>&1; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+          echo "tools.sh: installing binaryen (wasm-opt)" >&2
+          (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq binaryen) >&2 \
+            || echo "tools.sh: could not install binaryen: modules ship without wasm-opt" >&2
+        else
+          echo "tools.sh: wasm-opt not found and cannot install binaryen here (apt-get install binaryen)" >&2
+        fi
+      fi
+      command -v wasm-opt >/dev/null 2>&1 && echo "wasm-opt: $(wasm-opt --version | head -1)"
       ;;
     *) install_group "$g" ;;
   esac

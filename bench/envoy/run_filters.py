@@ -42,9 +42,13 @@ RESULTS = os.path.join(ROOT, "bench", "results")
 ENVOY = os.environ.get("ENVOY", os.path.join(ROOT, ".tools", "bin", "envoy"))
 TOOLS = os.environ.get("BENCH_TOOLS", os.path.join(ROOT, "target", "release", "bench-tools"))
 WASM_DIR = os.environ.get("BENCH_WASM_DIR", os.path.join(RESULTS, "wasm"))
-CANARY_WASM = os.environ.get("CANARY_WASM", os.path.join(ROOT, "dist", "canary.wasm"))
-ROUTER_WASM = os.environ.get("ROUTER_WASM", os.path.join(ROOT, "dist", "model-router.wasm"))
-FAILOVER_WASM = os.environ.get("FAILOVER_WASM", os.path.join(ROOT, "dist", "failover.wasm"))
+# The shipped module, and the three single-stage modules it replaced (built
+# by bench/filters.sh from OLD_REF, for the side-by-side comparison).
+MODULE_WASM = os.environ.get("MODULE_WASM", os.path.join(ROOT, "dist", "infermesh.wasm"))
+OLD_DIR = os.path.join(WASM_DIR, "old")
+CANARY_WASM = os.environ.get("CANARY_WASM", os.path.join(OLD_DIR, "canary.wasm"))
+ROUTER_WASM = os.environ.get("ROUTER_WASM", os.path.join(OLD_DIR, "model-router.wasm"))
+FAILOVER_WASM = os.environ.get("FAILOVER_WASM", os.path.join(OLD_DIR, "failover.wasm"))
 
 ROUNDS = int(os.environ.get("ROUNDS", "5"))
 DURATION = int(os.environ.get("DURATION", "10"))
@@ -56,7 +60,8 @@ KEYS = int(os.environ.get("KEYS", "1000"))
 BASE_PORT = int(os.environ.get("BASE_PORT", "28080"))
 ENVOY_CORE = os.environ.get("ENVOY_CORE", "0")
 LOAD_CORE = os.environ.get("LOAD_CORE", "1")
-VARIANTS = os.environ.get("VARIANTS", "native,noop,hash,canary").split(",")
+VARIANTS = os.environ.get(
+    "VARIANTS", "native,noop,hash,module-canary,module-router+canary,module-chain,module-unconcerned").split(",")
 # A window is "clean" when other processes used at most this share of
 # Envoy's core during it; the second table uses clean windows only.
 CLEAN_MAX = float(os.environ.get("CLEAN_MAX", "0.10"))
@@ -147,6 +152,15 @@ def wasm1(wasm, cfg, root_id="bench"):
 
 CANARY = lambda cfg: Filter(CANARY_WASM, json.dumps(cfg), "canary")  # noqa: E731
 FAILOVER = lambda cfg: Filter(FAILOVER_WASM, json.dumps(cfg), "failover")  # noqa: E731
+MODULE = lambda sections: Filter(MODULE_WASM, json.dumps(sections), "infermesh")  # noqa: E731
+
+
+def has_stage(var, old_wasm, section):
+    """Whether a variant runs a stage: its old single-stage module, or the
+    module with that section."""
+    return any(f.wasm == old_wasm or (f.wasm == MODULE_WASM and section in json.loads(f.config))
+               for f in var.filters)
+
 
 ALL_VARIANTS = {
     "native": Variant([], "weighted", "get", "native", "Envoy weighted_clusters 90/10, no Wasm"),
@@ -193,6 +207,25 @@ ALL_VARIANTS = {
                                        FAILOVER({**FAILOVER_CFG, "trust_downstream_headers": True})],
                                       "cloud+version", "get", "native",
                                       "the three filters, unpinned GET; routes match cloud and version"),
+    # The one module (dist/infermesh.wasm): the same stages and configs as
+    # the variants above, one filter, one pass.
+    "module-canary": Variant([MODULE({"canary": CANARY_CFG})], "header", "get", "native",
+                             "infermesh.wasm, canary section only"),
+    "module-router+canary": Variant([MODULE({"router": ROUTER_CFG, "canary": CANARY_CFG})], "header", "get",
+                                    "native", "infermesh.wasm, router + canary sections, unpinned GET"),
+    "module-chain": Variant([MODULE({"router": ROUTER_CFG, "canary": CANARY_CFG, "failover": FAILOVER_CFG})],
+                            "cloud+version", "get", "native",
+                            "infermesh.wasm, router + canary + failover, unpinned GET"),
+    "module-failover": Variant([MODULE({"failover": FAILOVER_CFG})], "cloud", "get", "native",
+                               "infermesh.wasm, failover section only"),
+    "module-chain-post": Variant([MODULE({"router": ROUTER_CFG, "canary": CANARY_CFG, "failover": FAILOVER_CFG})],
+                                 "cloud+version", "post-pinned", "native-post",
+                                 "infermesh.wasm, all three, POST 300-byte body to a pinned path (copied for replay)"),
+    # A request no stage concerns: the split is for another model, so the
+    # module decides nothing and Envoy's own weighted_clusters route it.
+    "module-unconcerned": Variant([MODULE({"canary": {**CANARY_CFG, "splits": [
+        {"model": "other-model", "versions": [{"name": "1", "weight": 90}, {"name": "2", "weight": 10}]}]}})],
+        "weighted", "get", "native", "infermesh.wasm, canary for another model (request unconcerned)"),
 }
 
 
@@ -503,7 +536,7 @@ def check_routing(variant):
     cluster it names (header-routed variants), and a router variant must
     answer an unknown version with its own 404."""
     var = ALL_VARIANTS[variant]
-    routers = any(f.wasm == ROUTER_WASM for f in var.filters)
+    routers = has_stage(var, ROUTER_WASM, "router")
     problems = []
     probes = []  # (method, path, body, expected cluster or None)
     if var.requests == "post":
@@ -567,7 +600,8 @@ def check_window(variant, w, requests, non_2xx):
 # The router source every request of a variant must be counted under, and
 # whether its requests name a version (pinned) or leave it to the canary.
 ROUTER_EXPECT = {"router": ("path", True), "router-body": ("body", True), "router-post": ("path", True),
-                 "router+canary": ("path", False)}
+                 "router+canary": ("path", False), "module-router+canary": ("path", False),
+                 "module-chain": ("path", False), "module-chain-post": ("path", True)}
 
 
 def router_stats_problems(variant, stats):
@@ -592,7 +626,7 @@ def one_run(variant, rnd, workdir):
     load0 = loadavg()
     p = start_envoy(variant, workdir)
     try:
-        if any(f.wasm == FAILOVER_WASM for f in ALL_VARIANTS[variant].filters):
+        if has_stage(ALL_VARIANTS[variant], FAILOVER_WASM, "failover"):
             time.sleep(0.5)  # the start-up probe round, out of the hit counts
         probes = check_routing(variant)
         run_wrk(WARMUP, variant)  # V8 tiering, connection setup, caches

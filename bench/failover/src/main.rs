@@ -178,7 +178,7 @@ impl Args {
             }
         }
         if a.variants.contains(&Variant::Infermesh) && a.wasm.is_none() {
-            bail!("the infermesh variant needs --wasm FILE (the built failover filter)");
+            bail!("the infermesh variant needs --wasm FILE (the built infermesh.wasm)");
         }
         Ok(a)
     }
@@ -192,13 +192,13 @@ impl Args {
     }
 }
 
-/// The failover filter's pluginConfig for the runs.
+/// The module's pluginConfig for the runs: the failover section alone.
 fn infermesh_config() -> String {
     let clouds: Vec<Value> = (0u32..)
         .zip(CLOUDS)
         .map(|(prio, (name, _))| json!({"name": name, "cluster": name, "priority": prio}))
         .collect();
-    json!({
+    json!({"failover": {
         "clouds": clouds,
         "health": {
             "probe": {"interval_ms": 500, "timeout_ms": 200,
@@ -207,7 +207,7 @@ fn infermesh_config() -> String {
         },
         "replay": {"per_try_timeout_ms": 1000},
         "hedge": {"enabled": true, "min_delay_ms": 30},
-    })
+    }})
     .to_string()
 }
 
@@ -278,8 +278,8 @@ async fn start_envoy(variant: Variant, sidecars: &[Sidecar], wasm: Option<&Path>
         Variant::Infermesh => {
             let wasm = wasm.ok_or_else(|| anyhow!("no --wasm"))?;
             let config = infermesh_config();
-            filter_core::config::failover::parse(config.as_bytes())
-                .map_err(|e| anyhow!("the failover config does not parse: {e}"))?;
+            filter_core::config::module::parse(config.as_bytes())
+                .map_err(|e| anyhow!("the module config does not parse: {e}"))?;
             let mut b = Bootstrap::new();
             for (name, addr) in &clouds {
                 b = b
@@ -288,7 +288,8 @@ async fn start_envoy(variant: Variant, sidecars: &[Sidecar], wasm: Option<&Path>
             }
             b.default_route(PRIMARY)
                 .wasm(
-                    WasmFilter::new("failover", wasm, config).allow_on_headers_stop_iteration(true),
+                    WasmFilter::new("infermesh", wasm, config)
+                        .allow_on_headers_stop_iteration(true),
                 )
                 .to_json()
         }
