@@ -19,7 +19,7 @@ fn every_wasmplugin_in_istio_parses() {
     assert!(bad.is_empty(), "{bad:#?}");
     // The module has a WasmPlugin with every stage, so the loop above
     // checked each section.
-    let plugins = wasm_plugins(&repo("istio/infermesh-wasmplugin.yaml")).unwrap();
+    let plugins = wasm_plugins(&repo("istio/path-routing/infermesh-wasmplugin.yaml")).unwrap();
     assert_eq!(plugins.len(), 1);
     assert_eq!(plugins[0].component.as_deref(), Some(Filter::Module.name()));
     let cfg = filter_core::config::module::parse(&plugins[0].plugin_config).unwrap();
@@ -40,7 +40,7 @@ fn every_example_config_parses() {
 fn a_broken_pluginconfig_in_a_manifest_is_named() {
     let dir = std::env::temp_dir().join(format!("infermesh-manifest-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let text = std::fs::read_to_string(repo("istio/infermesh-wasmplugin.yaml")).unwrap();
+    let text = std::fs::read_to_string(repo("istio/path-routing/infermesh-wasmplugin.yaml")).unwrap();
     // Break the first split's weights: 90/10 -> 90/20.
     let broken = text.replacen("weight: 10\n", "weight: 20\n", 1);
     assert_ne!(broken, text, "the manifest changed shape; update this test");
@@ -62,7 +62,7 @@ fn yaml_files_are_found_recursively() {
     assert!(files
         .iter()
         .any(|f| f.ends_with("infermesh-wasmplugin.yaml")));
-    let plugins = wasm_plugins(&repo("istio/infermesh-wasmplugin.yaml")).unwrap();
+    let plugins = wasm_plugins(&repo("istio/path-routing/infermesh-wasmplugin.yaml")).unwrap();
     assert_eq!(plugins.len(), 1);
     assert_eq!(plugins[0].component.as_deref(), Some("infermesh"));
 }
@@ -71,7 +71,7 @@ fn yaml_files_are_found_recursively() {
 fn a_broken_config_in_an_envoyfilter_is_named() {
     let dir = std::env::temp_dir().join(format!("infermesh-envoyfilter-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let text = std::fs::read_to_string(repo("istio/infermesh-body-envoyfilter.yaml")).unwrap();
+    let text = std::fs::read_to_string(repo("istio/body-routing/infermesh-envoyfilter.yaml")).unwrap();
     let broken = text.replacen("\"max_bytes\": 262144", "\"max_bytes\": 0", 1);
     assert_ne!(broken, text, "the manifest changed shape; update this test");
     std::fs::write(dir.join("broken.yaml"), broken).unwrap();
@@ -111,7 +111,7 @@ fn istio_readme_declares_every_stat_tag() {
 fn a_broken_failover_pluginconfig_is_named() {
     let dir = std::env::temp_dir().join(format!("infermesh-failover-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let text = std::fs::read_to_string(repo("istio/infermesh-wasmplugin.yaml")).unwrap();
+    let text = std::fs::read_to_string(repo("istio/path-routing/infermesh-wasmplugin.yaml")).unwrap();
     // A probe timeout longer than the interval would let rounds overlap.
     let broken = text.replacen("timeout_ms: 1000\n", "timeout_ms: 6000\n", 1);
     assert_ne!(broken, text, "the manifest changed shape; update this test");
