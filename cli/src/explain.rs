@@ -109,7 +109,7 @@ fn router_outcome(cfg: &RouterConfig, req: &ExplainRequest) -> Option<Vec<(Strin
     let (hm, hv) = (header(&cfg.model_header), header(&cfg.version_header));
     let path = req.path.as_bytes();
     let body = match (&req.body, &cfg.body) {
-        (Some(b), Some(src)) if router::needs_body(cfg, path, hm.is_some(), hv.is_some()) => {
+        (Some(b), Some(src)) if router::needs_body(cfg, path, hm.as_deref(), hv.is_some()) => {
             if b.len() > src.max_bytes {
                 router::Body::TooLarge
             } else {
@@ -341,7 +341,7 @@ pub fn router(cfg: &RouterConfig, req: &ExplainRequest) -> String {
     let (hm, hv) = (header(&cfg.model_header), header(&cfg.version_header));
     let path = req.path.as_bytes();
     let body = match (&req.body, &cfg.body) {
-        (Some(b), Some(src)) if router::needs_body(cfg, path, hm.is_some(), hv.is_some()) => {
+        (Some(b), Some(src)) if router::needs_body(cfg, path, hm.as_deref(), hv.is_some()) => {
             if b.len() > src.max_bytes {
                 let _ = writeln!(
                     out,

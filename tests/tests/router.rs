@@ -1,4 +1,4 @@
-//! The model-router filter (`filter-model-router`) in a real Envoy on V8,
+//! The module's router stage (`infermesh.wasm`) in a real Envoy on V8,
 //! alone and ahead of the canary, routed like an Istio sidecar: a
 //! VirtualService-style match on `x-infermesh-version` to one cluster per
 //! version and a default route. Each case asserts what an outsider sees:
@@ -605,38 +605,95 @@ async fn router_and_canary_together_pinned_never_split() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn body_routing_without_allow_on_headers_stop_iteration_stalls() {
-    // Documents why istio/ installs body routing with an EnvoyFilter that
-    // sets allow_on_headers_stop_iteration: without it Envoy >= 1.35 does
-    // not honour the filter's StopIteration, so the decision comes too late
-    // to route. (Path-only requests are unaffected.)
-    let _bin = require_envoy!("body_routing_without_allow_on_headers_stop_iteration_stalls");
-    let rig = Rig::start(router_config(), None, false).await;
+async fn without_allow_on_headers_stop_iteration_every_request_is_answered() {
+    // What a WasmPlugin deploys: no allow_on_headers_stop_iteration. Envoy
+    // >= 1.35 then does not hand the filter the body while it holds the
+    // headers. No request may hang: each waits at most body.max_wait_ms and
+    // is routed on its path and headers, the filter says once which setting
+    // is missing, and after a few such waits it stops waiting at all.
+    let _bin = require_envoy!("without_allow_on_headers_stop_iteration_every_request_is_answered");
+    let mut router = router_config();
+    router["body"]["max_wait_ms"] = json!(150);
+    let rig = Rig::start(router, None, false).await;
     let client = rig.envoy.client();
-    let r = client
-        .send(Req::get("/v2/models/digits-mlp/versions/2/infer"))
+    let before = rig.envoy.stats().await;
+
+    // The path alone decides these: no wait at all.
+    let started = std::time::Instant::now();
+    let unknown = client
+        .send(Req::post(
+            "/v2/models/no-such-model-zz/infer",
+            b"{}".to_vec(),
+        ))
         .await;
-    assert_eq!(
-        r.header(UPSTREAM_HEADER).as_deref(),
-        Some("v2"),
-        "path routing works without the flag"
+    assert_eq!(unknown.status, 404, "{}", unknown.text());
+    assert!(
+        unknown.text().contains("no-such-model-zz"),
+        "{}",
+        unknown.text()
     );
+    let pinned = client
+        .send(Req::post(
+            "/v2/models/digits-mlp/versions/2/infer",
+            b"{}".to_vec(),
+        ))
+        .await;
+    assert_eq!(pinned.header(UPSTREAM_HEADER).as_deref(), Some("v2"));
+    assert!(
+        started.elapsed() < Duration::from_millis(1_000),
+        "decided from the path, yet took {:?}",
+        started.elapsed()
+    );
+
+    // The version would come from the body: answered, routed without it.
     let body = br#"{"model":"tiny-cnn","parameters":{"model_version":"2"}}"#.to_vec();
-    let outcome = tokio::time::timeout(
-        Duration::from_secs(3),
-        client.try_send(Req::post("/predict", body)),
-    )
-    .await;
-    eprintln!("body routing without the flag: {outcome:?}");
-    match outcome {
-        Err(_) => {} // hung: what the docs warn about
-        Ok(Ok(r)) => assert_ne!(
-            r.header(UPSTREAM_HEADER).as_deref(),
-            Some("v2"),
-            "body routing worked without the flag; update istio/ and the docs"
-        ),
-        Ok(Err(_)) => {} // reset: also not routed
+    let mut times = Vec::new();
+    for _ in 0..12 {
+        let t = std::time::Instant::now();
+        let r = tokio::time::timeout(
+            Duration::from_secs(5),
+            client.send(Req::post("/v2/models/digits-mlp/infer", body.clone())),
+        )
+        .await
+        .expect("a body-routed request hung without allow_on_headers_stop_iteration");
+        times.push(t.elapsed());
+        assert_eq!(r.status, 200, "{}", r.text());
+        // Not the body's version 2 of tiny-cnn: the path's model, unpinned,
+        // on the default route; the body reached the upstream intact.
+        assert_eq!(r.header(UPSTREAM_HEADER).as_deref(), Some("default"));
+        let seen = rig.default.seen();
+        let last = seen.last().expect("the upstream saw the request");
+        assert_eq!(last.header(MODEL).as_deref(), Some("digits-mlp"));
+        assert_eq!(last.body_digest, digest(&body));
     }
+    // The first requests on each worker waited about max_wait_ms; after
+    // three such waits a worker's VM knows this host withholds bodies and
+    // stops waiting (Envoy runs two workers here, each with its own VM).
+    assert!(
+        times[0] >= Duration::from_millis(140),
+        "first wait {:?}",
+        times[0]
+    );
+    let waited = times
+        .iter()
+        .filter(|t| **t >= Duration::from_millis(140))
+        .count();
+    assert!(
+        waited <= 2 * 3,
+        "{waited} of 12 requests waited: the VMs did not learn ({times:?})"
+    );
+    let after = rig.envoy.stats().await;
+    let fell_back = after.sum(FALLBACK, &[("reason", "not_delivered")])
+        - before.sum(FALLBACK, &[("reason", "not_delivered")]);
+    assert_eq!(fell_back, 12.0, "every body-routed request fell back");
+    let log = rig.envoy.log();
+    let named = log.matches("allow_on_headers_stop_iteration: true").count();
+    assert!(
+        (1..=2).contains(&named),
+        "the missing setting is named once per VM, not per request ({named}): {}",
+        e2e::envoy::tail(&log, 20)
+    );
+    assert_vm_healthy(&[unknown, pinned], &log);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

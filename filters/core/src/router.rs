@@ -46,14 +46,17 @@ pub enum BodyFallback {
     InvalidJson,
     MissingField,
     WrongType,
+    /// The host did not hand the filter the body within `max_wait_ms`.
+    NotDelivered,
 }
 
 impl BodyFallback {
-    pub const ALL: [BodyFallback; 4] = [
+    pub const ALL: [BodyFallback; 5] = [
         BodyFallback::TooLarge,
         BodyFallback::InvalidJson,
         BodyFallback::MissingField,
         BodyFallback::WrongType,
+        BodyFallback::NotDelivered,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -62,6 +65,7 @@ impl BodyFallback {
             BodyFallback::InvalidJson => "invalid_json",
             BodyFallback::MissingField => "missing_field",
             BodyFallback::WrongType => "wrong_type",
+            BodyFallback::NotDelivered => "not_delivered",
         }
     }
 }
@@ -95,6 +99,8 @@ pub enum Body<'a> {
     Complete(&'a [u8]),
     /// Larger than the cap: not read.
     TooLarge,
+    /// Wanted, but the host did not deliver it in time.
+    NotDelivered,
 }
 
 /// Facts about one request.
@@ -126,18 +132,24 @@ pub enum Decision {
 }
 
 /// Whether the filter should buffer the body before deciding: body routing
-/// is configured and the path and headers leave a field it could fill.
+/// is configured and the path and headers leave a field it could fill. A
+/// model the path or header names that the router does not know is decided
+/// at once (404 or pass): no body can change that.
 pub fn needs_body(
     cfg: &RouterConfig,
     path: &[u8],
-    header_model: bool,
+    header_model: Option<&[u8]>,
     header_version: bool,
 ) -> bool {
     let Some(body) = &cfg.body else {
         return false;
     };
     let p = oip::parse_path(path);
-    let has_model = p.is_some() || header_model;
+    let named = p.as_ref().map(|p| p.model.as_bytes()).or(header_model);
+    if named.is_some_and(|m| cfg.model_index(m).is_none()) {
+        return false;
+    }
+    let has_model = named.is_some();
     let has_version = p.as_ref().is_some_and(|p| p.version.is_some()) || header_version;
     (body.model.is_some() && !has_model) || (body.version.is_some() && !has_version)
 }
@@ -152,6 +164,7 @@ fn body_field(
     let doc = match body {
         Body::None => return Ok(None),
         Body::TooLarge => return Err(BodyFallback::TooLarge),
+        Body::NotDelivered => return Err(BodyFallback::NotDelivered),
         Body::Complete(doc) => doc,
     };
     match jsonscan::find(doc, pointer) {

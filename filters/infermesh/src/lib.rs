@@ -33,7 +33,9 @@ mod request;
 mod router;
 mod router_metrics;
 
-use std::rc::Rc;
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::rc::{Rc, Weak};
 use std::time::Duration;
 
 use filter_core::config::module::{self, ModuleConfig};
@@ -52,8 +54,13 @@ proxy_wasm::main! {{
     });
 }}
 
-/// Without failover, the root ticks only for canary schedules.
+/// Without failover, the root ticks for body waits, or canary schedules.
 const SCHEDULE_TICK_MS: u64 = 1_000;
+const BODY_WAIT_TICK_MS: u64 = 10;
+/// After this many waits that ended with no body and no body ever seen,
+/// the VM stops waiting: the host does not deliver bodies to a filter that
+/// paused the headers.
+const WITHHELD_AFTER: u32 = 3;
 
 /// Every configured stage, shared by the HTTP contexts of one VM.
 struct Stages {
@@ -62,6 +69,8 @@ struct Stages {
     failover: Option<Rc<failover::Shared>>,
     strip: bool,
     served_by: bool,
+    /// Streams whose router stage waits for the body.
+    waits: BodyWaits,
 }
 
 impl Stages {
@@ -95,6 +104,7 @@ impl Stages {
             failover,
             strip,
             served_by,
+            waits: BodyWaits::default(),
         })
     }
 
@@ -154,10 +164,14 @@ impl RootContext for Root {
             }
         };
         let has_schedule = stages.canary.as_ref().is_some_and(|c| c.has_schedule());
+        let body_routing = stages.router.as_ref().is_some_and(|r| r.cfg.body.is_some());
+        let has_failover = stages.failover.is_some();
         self.stages = Some(stages);
         self.refresh_weights(now_ms(self));
-        if self.stages.as_ref().is_some_and(|s| s.failover.is_some()) {
+        if has_failover {
             self.set_tick_period(Duration::from_millis(failover::TICK_MS));
+        } else if body_routing {
+            self.set_tick_period(Duration::from_millis(BODY_WAIT_TICK_MS));
         } else if has_schedule {
             self.set_tick_period(Duration::from_millis(SCHEDULE_TICK_MS));
         }
@@ -170,8 +184,11 @@ impl RootContext for Root {
         if now.saturating_sub(self.weights_at_ms) >= SCHEDULE_TICK_MS {
             self.refresh_weights(now);
         }
-        if let Some(f) = self.stages.as_ref().and_then(|s| s.failover.clone()) {
-            f.on_tick(now, self.ticks);
+        if let Some(stages) = self.stages.clone() {
+            stages.waits.expire(&stages, now, self.id);
+            if let Some(f) = &stages.failover {
+                f.on_tick(now, self.ticks);
+            }
         }
     }
 
@@ -182,12 +199,15 @@ impl RootContext for Root {
             .and_then(|s| s.failover.clone())
             .map(|f| failover::Stage::new(context_id, f));
         Some(Box::new(Stream {
+            context_id,
             stages,
-            failover,
-            hdrs: None,
-            served: None,
-            served_at: None,
-            done: false,
+            inner: Rc::new(RefCell::new(Inner {
+                failover,
+                hdrs: None,
+                served: None,
+                served_at: None,
+                done: false,
+            })),
         }))
     }
 
@@ -214,7 +234,17 @@ enum Served {
 }
 
 struct Stream {
+    context_id: u32,
     stages: Option<Rc<Stages>>,
+    /// Shared with the root, which ends a body wait that ran out.
+    inner: Rc<RefCell<Inner>>,
+}
+
+/// A stream's state, as the root holds it while the stream waits.
+type StreamRef = Weak<RefCell<Inner>>;
+
+/// A stream's state.
+struct Inner {
     failover: Option<failover::Stage>,
     /// The header copy while model-router waits for the body.
     hdrs: Option<RequestHeaders>,
@@ -225,6 +255,108 @@ struct Stream {
     done: bool,
 }
 
+/// The streams waiting for a request body, and what the VM learnt about
+/// the host: whether it hands a filter the body while the filter holds
+/// the headers. Envoy >= 1.35 does so only with
+/// `allow_on_headers_stop_iteration: true`, a flag Istio's WasmPlugin
+/// cannot set; without it the body never comes, so every wait is bounded
+/// by `body.max_wait_ms` and then routed without the body.
+#[derive(Default)]
+struct BodyWaits {
+    /// Context id -> (deadline, the stream).
+    waiting: RefCell<BTreeMap<u32, (u64, StreamRef)>>,
+    /// A body arrived during a wait: the host delivers bodies.
+    delivered: Cell<bool>,
+    /// Waits that ran out while no body was ever delivered.
+    withheld: Cell<u32>,
+}
+
+impl BodyWaits {
+    /// Whether a request should wait at all: not once the host has shown
+    /// it withholds bodies.
+    fn worth_waiting(&self) -> bool {
+        self.delivered.get() || self.withheld.get() < WITHHELD_AFTER
+    }
+
+    fn start(&self, context_id: u32, deadline_ms: u64, inner: &Rc<RefCell<Inner>>) {
+        self.waiting
+            .borrow_mut()
+            .insert(context_id, (deadline_ms, Rc::downgrade(inner)));
+    }
+
+    /// A body callback came for a waiting stream.
+    fn body_seen(&self, context_id: u32) {
+        if self.waiting.borrow_mut().remove(&context_id).is_some() {
+            self.delivered.set(true);
+        }
+    }
+
+    fn forget(&self, context_id: u32) {
+        self.waiting.borrow_mut().remove(&context_id);
+    }
+
+    /// Routes the streams whose wait ran out without the body, and resumes
+    /// them. Called from the root's tick; `root_id` is made effective again.
+    fn expire(&self, stages: &Stages, now: u64, root_id: u32) {
+        let due: Vec<(u32, StreamRef)> = {
+            let mut waiting = self.waiting.borrow_mut();
+            let ids: Vec<u32> = waiting
+                .iter()
+                .filter(|(_, (deadline, _))| *deadline <= now)
+                .map(|(id, _)| *id)
+                .collect();
+            ids.into_iter()
+                .filter_map(|id| waiting.remove(&id).map(|(_, w)| (id, w)))
+                .collect()
+        };
+        if due.is_empty() {
+            return;
+        }
+        for (id, weak) in due {
+            let Some(inner) = weak.upgrade() else {
+                continue;
+            };
+            if !self.delivered.get() {
+                let n = self.withheld.get().saturating_add(1);
+                self.withheld.set(n);
+                if n == 1 {
+                    warn!(
+                        "infermesh: a request waited {} ms for its body and got none: this Envoy \
+                         does not hand a filter the body while it holds the headers (Envoy >= 1.35 \
+                         needs allow_on_headers_stop_iteration: true in the Wasm filter config, which \
+                         a WasmPlugin cannot set; see istio/body-routing). Routing without the body.",
+                        stages
+                            .router
+                            .as_ref()
+                            .and_then(|r| r.cfg.body.as_ref())
+                            .map_or(0, |b| b.max_wait_ms)
+                    );
+                }
+            }
+            if proxy_wasm::hostcalls::set_effective_context(id).is_err() {
+                continue;
+            }
+            let Ok(mut state) = inner.try_borrow_mut() else {
+                continue;
+            };
+            let action = state.body_not_delivered(stages);
+            drop(state);
+            if action == Action::Continue {
+                let _ = proxy_wasm::hostcalls::resume_http_request();
+            }
+        }
+        let _ = proxy_wasm::hostcalls::set_effective_context(root_id);
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        if let Some(stages) = &self.stages {
+            stages.waits.forget(self.context_id);
+        }
+    }
+}
+
 impl Context for Stream {
     fn on_http_call_response(
         &mut self,
@@ -233,8 +365,11 @@ impl Context for Stream {
         body_size: usize,
         _num_trailers: usize,
     ) {
-        if let Some(f) = &self.failover {
-            f.on_call_response(token_id, num_headers, body_size, now_ms(self));
+        let Ok(inner) = self.inner.try_borrow() else {
+            return;
+        };
+        if let Some(f) = &inner.failover {
+            f.on_call_response(token_id, num_headers, body_size, now_ms(&Host));
         }
     }
 }
@@ -248,56 +383,77 @@ impl HttpContext for Stream {
             filter_shim::send_json_error(self, 503, NOT_CONFIGURED);
             return Action::Pause;
         };
-        let mut hdrs = RequestHeaders::read(self);
+        // A local reply sent while the state is borrowed comes back here
+        // synchronously: it is the module's own answer, let it pass.
+        let Ok(mut inner) = self.inner.try_borrow_mut() else {
+            return Action::Continue;
+        };
+        let mut hdrs = RequestHeaders::read(&Host);
         if stages.strip {
-            stages.count_stripped(hdrs.strip_owned(self));
+            stages.count_stripped(hdrs.strip_owned(&Host));
         }
         if let Some(router) = &stages.router {
-            match router.on_headers(self, &mut hdrs, end_of_stream) {
-                router::Step::Done(served) => {
-                    self.served = served.map(|(m, v)| Served::Router(m, v));
-                }
-                router::Step::NeedBody => {
-                    self.hdrs = Some(hdrs);
+            let step = router.on_headers(&Host, &mut hdrs, end_of_stream);
+            match step {
+                router::Step::NeedBody if stages.waits.worth_waiting() => {
+                    let wait = router.cfg.body.as_ref().map_or(0, |b| b.max_wait_ms);
+                    stages.waits.start(
+                        self.context_id,
+                        now_ms(&Host).saturating_add(wait),
+                        &self.inner,
+                    );
+                    inner.hdrs = Some(hdrs);
                     return Action::Pause;
                 }
-                router::Step::Replied => return self.replied(),
+                router::Step::NeedBody => {
+                    // This host withholds bodies from a filter that holds
+                    // the headers: route on the path and headers now.
+                    let step = router.not_delivered(&Host, &mut hdrs);
+                    if let Some(action) = inner.routed(step) {
+                        return action;
+                    }
+                }
+                step => {
+                    if let Some(action) = inner.routed(step) {
+                        return action;
+                    }
+                }
             }
         }
-        self.after_router(&stages, hdrs, end_of_stream)
+        inner.after_router(&stages, hdrs, end_of_stream)
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         let Some(stages) = self.stages.clone() else {
             return Action::Continue;
         };
-        if self.done {
+        // A local reply sent while the state is borrowed comes back here
+        // synchronously: it is the module's own answer, let it pass.
+        let Ok(mut inner) = self.inner.try_borrow_mut() else {
+            return Action::Continue;
+        };
+        if inner.done {
             return Action::Continue;
         }
-        if let (Some(router), Some(mut hdrs)) = (&stages.router, self.hdrs.take()) {
-            let Some(step) = router.on_body(self, &mut hdrs, body_size, end_of_stream) else {
-                self.hdrs = Some(hdrs);
-                return Action::Pause; // keep buffering
+        if let (Some(router), Some(mut hdrs)) = (&stages.router, inner.hdrs.take()) {
+            stages.waits.body_seen(self.context_id);
+            let Some(step) = router.on_body(&Host, &mut hdrs, body_size, end_of_stream) else {
+                inner.hdrs = Some(hdrs);
+                // Keep buffering; the wait's deadline no longer applies:
+                // the body is coming.
+                return Action::Pause;
             };
-            match step {
-                router::Step::Done(served) => {
-                    self.served = served.map(|(m, v)| Served::Router(m, v));
-                }
-                router::Step::NeedBody => {
-                    self.hdrs = Some(hdrs);
-                    return Action::Pause;
-                }
-                router::Step::Replied => return self.replied(),
+            if let Some(action) = inner.routed(step) {
+                return action;
             }
-            if self.after_router(&stages, hdrs, false) == Action::Pause {
+            if inner.after_router(&stages, hdrs, false) == Action::Pause {
                 return Action::Pause;
             }
             // The whole buffered body so far is this stream's body for
             // failover's copy.
         }
-        if let Some(f) = self.failover.as_mut() {
-            let ctx: &dyn HttpContext = &Host;
-            f.on_request_body(ctx, body_size, end_of_stream, || now_ms(&Host));
+        if let Some(f) = inner.failover.as_mut() {
+            f.on_request_body(&Host, body_size, end_of_stream, || now_ms(&Host));
         }
         Action::Continue
     }
@@ -306,21 +462,24 @@ impl HttpContext for Stream {
         let Some(stages) = self.stages.clone() else {
             return Action::Continue;
         };
-        if self.done {
+        // A local reply sent while the state is borrowed comes back here
+        // synchronously: it is the module's own answer, let it pass.
+        let Ok(mut inner) = self.inner.try_borrow_mut() else {
+            return Action::Continue;
+        };
+        if inner.done {
             return Action::Continue;
         }
-        if let (Some(router), Some(mut hdrs)) = (&stages.router, self.hdrs.take()) {
-            match router.on_trailers(self, &mut hdrs) {
-                router::Step::Done(served) => {
-                    self.served = served.map(|(m, v)| Served::Router(m, v));
-                }
-                router::Step::NeedBody => {}
-                router::Step::Replied => return self.replied(),
+        if let (Some(router), Some(mut hdrs)) = (&stages.router, inner.hdrs.take()) {
+            stages.waits.body_seen(self.context_id);
+            let step = router.on_trailers(&Host, &mut hdrs);
+            if let Some(action) = inner.routed(step) {
+                return action;
             }
-            if self.after_router(&stages, hdrs, false) == Action::Pause {
+            if inner.after_router(&stages, hdrs, false) == Action::Pause {
                 return Action::Pause;
             }
-            if let Some(f) = self.failover.as_mut() {
+            if let Some(f) = inner.failover.as_mut() {
                 // What was buffered is the whole body.
                 let size = Host
                     .get_http_request_body(0, usize::MAX)
@@ -328,7 +487,7 @@ impl HttpContext for Stream {
                 f.on_request_body(&Host, size, true, || now_ms(&Host));
             }
         }
-        if let Some(f) = self.failover.as_mut() {
+        if let Some(f) = inner.failover.as_mut() {
             f.on_request_trailers(|| now_ms(&Host));
         }
         Action::Continue
@@ -338,25 +497,30 @@ impl HttpContext for Stream {
         let Some(stages) = self.stages.clone() else {
             return Action::Continue;
         };
-        if self.done {
+        // A local reply sent while the state is borrowed comes back here
+        // synchronously: it is the module's own answer, let it pass.
+        let Ok(mut inner) = self.inner.try_borrow_mut() else {
+            return Action::Continue;
+        };
+        if inner.done {
             return Action::Continue;
         }
         let mut from_failover = false;
-        if let Some(f) = self.failover.as_mut() {
+        if let Some(f) = inner.failover.as_mut() {
             let mut served_at = None;
             let action = f.on_response_headers(&Host, now_ms(&Host), &mut served_at);
             if action == Action::Pause {
                 return action;
             }
             match served_at {
-                Some(cloud) => self.served_at = Some(cloud),
+                Some(cloud) => inner.served_at = Some(cloud),
                 // The stage's own reply: its headers are set.
                 None => from_failover = f.replied(),
             }
         }
         if stages.served_by && !from_failover {
-            let prefix = self.served_prefix(&stages);
-            let at = match (self.served_at, &self.failover) {
+            let prefix = inner.served_prefix(&stages);
+            let at = match (inner.served_at, &inner.failover) {
                 (Some(cloud), Some(f)) => f.served_at(cloud),
                 _ => None,
             };
@@ -367,32 +531,60 @@ impl HttpContext for Stream {
                 (None, None) => None,
             };
             if let Some(v) = value {
-                self.set_http_response_header(headers::SERVED_BY, Some(&v));
+                Host.set_http_response_header(headers::SERVED_BY, Some(&v));
             }
         }
         Action::Continue
     }
 
     fn on_http_response_body(&mut self, _body_size: usize, _end_of_stream: bool) -> Action {
-        self.response_action()
+        self.inner
+            .try_borrow()
+            .map_or(Action::Continue, |i| i.response_action())
     }
 
     fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
-        self.response_action()
+        self.inner
+            .try_borrow()
+            .map_or(Action::Continue, |i| i.response_action())
     }
 }
 
 /// The local reply of a stream that reached no configured stage.
 const NOT_CONFIGURED: &[u8] = br#"{"error":"infermesh filter is not configured"}"#;
 
-/// The host as seen from a stage that needs an `HttpContext` while the
-/// stream itself is mutably borrowed: every call goes to the current
-/// (effective) context, which during a stream callback is that stream.
+/// The host as seen by the stages: every call goes to the current
+/// (effective) context, which during a stream callback is that stream,
+/// and during a root tick the stream made effective for it.
 struct Host;
 impl Context for Host {}
 impl HttpContext for Host {}
 
-impl Stream {
+impl Inner {
+    /// Takes the router's decision; `Some` ends the request callback.
+    fn routed(&mut self, step: router::Step) -> Option<Action> {
+        match step {
+            router::Step::Done(served) => {
+                self.served = served.map(|(m, v)| Served::Router(m, v));
+                None
+            }
+            router::Step::NeedBody => None,
+            router::Step::Replied => Some(self.replied()),
+        }
+    }
+
+    /// The wait for the body ran out: route without it.
+    fn body_not_delivered(&mut self, stages: &Stages) -> Action {
+        let (Some(router), Some(mut hdrs)) = (&stages.router, self.hdrs.take()) else {
+            return Action::Continue;
+        };
+        let step = router.not_delivered(&Host, &mut hdrs);
+        if let Some(action) = self.routed(step) {
+            return action;
+        }
+        self.after_router(stages, hdrs, false)
+    }
+
     /// Canary and failover, once model-router has decided.
     fn after_router(
         &mut self,

@@ -97,7 +97,7 @@ impl Router {
             && router::needs_body(
                 &self.cfg,
                 path,
-                self.header(hdrs, &self.cfg.model_header).is_some(),
+                self.header(hdrs, &self.cfg.model_header),
                 self.header(hdrs, &self.cfg.version_header).is_some(),
             );
         if !wants_body {
@@ -147,6 +147,12 @@ impl Router {
             return self.finish(ctx, hdrs, Body::TooLarge);
         }
         self.finish(ctx, hdrs, Body::Complete(&body))
+    }
+
+    /// The body did not come in time (or this host never delivers it to
+    /// a filter that holds the headers): decide on the path and headers.
+    pub fn not_delivered(&self, ctx: &dyn HttpContext, hdrs: &mut RequestHeaders) -> Step {
+        self.finish(ctx, hdrs, Body::NotDelivered)
     }
 
     /// Decides and applies: headers, or a local 404.

@@ -20,7 +20,7 @@ pub struct Metrics {
     requests: Vec<Vec<[u32; 4]>>,
     rejected: [u32; 3],
     passed: [u32; 3],
-    body_fallback: [u32; 4],
+    body_fallback: [u32; BodyFallback::ALL.len()],
     stripped: u32,
 }
 
@@ -47,6 +47,7 @@ fn fallback_index(f: BodyFallback) -> usize {
         BodyFallback::InvalidJson => 1,
         BodyFallback::MissingField => 2,
         BodyFallback::WrongType => 3,
+        BodyFallback::NotDelivered => 4,
     }
 }
 
@@ -78,7 +79,7 @@ impl Metrics {
             *r = counter(&tagged(REJECTED, &[("reason", miss.as_str())]))?;
             *p = counter(&tagged(PASSED, &[("reason", miss.as_str())]))?;
         }
-        let mut body_fallback = [0u32; 4];
+        let mut body_fallback = [0u32; BodyFallback::ALL.len()];
         for (slot, f) in body_fallback.iter_mut().zip(BodyFallback::ALL) {
             *slot = counter(&tagged(BODY_FALLBACK, &[("reason", f.as_str())]))?;
         }

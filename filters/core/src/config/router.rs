@@ -32,6 +32,9 @@ pub const MAX_ALIASES: usize = 64;
 /// Default and largest body buffered for body routing.
 pub const DEFAULT_BODY_BYTES: usize = 1 << 20;
 pub const MAX_BODY_BYTES: usize = 16 << 20;
+/// Default and limit of `body.max_wait_ms`.
+pub const DEFAULT_BODY_WAIT_MS: u64 = 200;
+pub const MAX_BODY_WAIT_MS: u64 = 60_000;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -75,6 +78,8 @@ struct RawBody {
     version_pointer: Option<String>,
     #[serde(default)]
     max_bytes: Option<usize>,
+    #[serde(default)]
+    max_wait_ms: Option<u64>,
 }
 
 /// What to do with a request the router cannot place.
@@ -109,6 +114,10 @@ pub struct BodySource {
     pub model: Option<Pointer>,
     pub version: Option<Pointer>,
     pub max_bytes: usize,
+    /// How long a request waits for its body before it is routed without
+    /// it. Bounds the wait where the host does not hand the filter the body
+    /// (Envoy >= 1.35 without `allow_on_headers_stop_iteration`).
+    pub max_wait_ms: u64,
 }
 
 /// A model the router knows. Invariants: versions unique and valid names;
@@ -199,10 +208,18 @@ fn validate(raw: RawConfig) -> Result<RouterConfig, ConfigError> {
                     format!("{max_bytes}: must be between 1 and {MAX_BODY_BYTES}"),
                 ));
             }
+            let max_wait_ms = b.max_wait_ms.unwrap_or(DEFAULT_BODY_WAIT_MS);
+            if max_wait_ms == 0 || max_wait_ms > MAX_BODY_WAIT_MS {
+                return Err(ConfigError::new(
+                    "body.max_wait_ms",
+                    format!("{max_wait_ms}: must be between 1 and {MAX_BODY_WAIT_MS}"),
+                ));
+            }
             Some(BodySource {
                 model,
                 version,
                 max_bytes,
+                max_wait_ms,
             })
         }
     };

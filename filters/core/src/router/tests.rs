@@ -319,21 +319,71 @@ fn rewrite_to_the_concrete_version() {
 #[test]
 fn body_is_only_wanted_when_it_can_help() {
     let c = cfg("");
-    assert!(needs_body(&c, b"/predict", false, false));
+    assert!(needs_body(&c, b"/predict", None, false));
     assert!(
-        needs_body(&c, b"/v2/models/mlp/infer", false, false),
+        needs_body(&c, b"/v2/models/mlp/infer", None, false),
         "version may be in the body"
     );
     assert!(!needs_body(
         &c,
         b"/v2/models/mlp/versions/1/infer",
-        false,
+        None,
         false
     ));
-    assert!(!needs_body(&c, b"/v2/models/mlp/infer", false, true));
-    assert!(!needs_body(&c, b"/predict", true, true));
+    assert!(!needs_body(&c, b"/v2/models/mlp/infer", None, true));
+    assert!(!needs_body(&c, b"/predict", Some(b"mlp"), true));
+    assert!(needs_body(&c, b"/predict", Some(b"mlp"), false));
     let no_body = parse(br#"{"models":[{"name":"m","versions":["1"]}]}"#).unwrap();
-    assert!(!needs_body(&no_body, b"/predict", false, false));
+    assert!(!needs_body(&no_body, b"/predict", None, false));
+}
+
+#[test]
+fn an_unknown_model_is_decided_without_the_body() {
+    let c = cfg("");
+    // The path (or header) already names a model the router does not
+    // serve: no body can change the 404, so none is waited for.
+    assert!(!needs_body(
+        &c,
+        b"/v2/models/no-such-model-zz/infer",
+        None,
+        false
+    ));
+    assert!(!needs_body(
+        &c,
+        b"/predict",
+        Some(b"no-such-model-zz"),
+        false
+    ));
+    let req = Request {
+        path: b"/v2/models/no-such-model-zz/infer",
+        header_model: None,
+        header_version: None,
+        body: Body::None,
+    };
+    assert!(matches!(
+        crate::router::decide(&c, &req).0,
+        Decision::Reject {
+            miss: Miss::UnknownModel,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn a_body_not_delivered_falls_back_and_says_why() {
+    let c = cfg("");
+    let req = Request {
+        path: b"/v2/models/mlp/infer",
+        header_model: None,
+        header_version: None,
+        body: Body::NotDelivered,
+    };
+    let (decision, fallback) = crate::router::decide(&c, &req);
+    assert_eq!(fallback, Some(BodyFallback::NotDelivered));
+    assert!(
+        matches!(decision, Decision::Route { version: None, .. }),
+        "routed on the path alone: {decision:?}"
+    );
 }
 
 proptest! {
