@@ -55,8 +55,23 @@ impl Rig {
         Rig::start_with(config, |b| b).await
     }
 
+    /// A rig whose module config is `module` (its canary section is
+    /// `config`).
+    async fn start_module(config: &serde_json::Value, module: &serde_json::Value) -> Rig {
+        Rig::start_full(config, module.clone(), |b| b).await
+    }
+
     async fn start_with(
         config: &serde_json::Value,
+        customize: impl FnOnce(Bootstrap) -> Bootstrap,
+    ) -> Rig {
+        let module = serde_json::json!({ "canary": config });
+        Rig::start_full(config, module, customize).await
+    }
+
+    async fn start_full(
+        config: &serde_json::Value,
+        module: serde_json::Value,
         customize: impl FnOnce(Bootstrap) -> Bootstrap,
     ) -> Rig {
         let text = config.to_string();
@@ -70,11 +85,10 @@ impl Rig {
         let subsets: Vec<(&str, &Upstream)> =
             versions.iter().map(|(v, u)| (v.as_str(), u)).collect();
         let wasm = e2e::wasm::module();
-        let module = serde_json::json!({ "canary": config }).to_string();
         let bootstrap = customize(
             Bootstrap::new()
                 .version_subsets(&subsets, &default)
-                .wasm(WasmFilter::new("infermesh", &wasm, module)),
+                .wasm(WasmFilter::new("infermesh", &wasm, module.to_string())),
         );
         let envoy = Envoy::start(&bootstrap).await;
         Rig {
@@ -358,6 +372,59 @@ fn stable_keys(cfg: &CanaryConfig, n: usize) -> Vec<String> {
         .filter(|k| predict(cfg, k.as_bytes(), 0) == "1")
         .take(n)
         .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_to_other_hosts_pass_through_untouched() {
+    // `hosts` scopes the module by :authority: another service's request
+    // is not split, and reaches its upstream byte-identical, even with
+    // client x-infermesh-* headers (its routes are not the module's).
+    let _bin = require_envoy!("requests_to_other_hosts_pass_through_untouched");
+    let canary = config(&[("1", 0.0), ("2", 100.0)]);
+    let rig = Rig::start_with(&canary, |b| b).await;
+    let scoped = json!({"hosts": ["digits-mlp.models.svc.cluster.local"], "canary": canary});
+    let rig_scoped = Rig::start_module(&canary, &scoped).await;
+    let client = rig_scoped.envoy.client();
+    let body = br#"{"inputs":[]}"#.to_vec();
+    let other = client
+        .send(
+            Req::post(INFER, body.clone())
+                .header("host", "other-model.models.svc.cluster.local:8000")
+                .header(KEY_HEADER, "u1")
+                .header("x-infermesh-debug", "1"),
+        )
+        .await;
+    assert_eq!(other.header(UPSTREAM_HEADER).as_deref(), Some("default"));
+    assert_eq!(other.header(SERVED_BY), None);
+    let seen = rig_scoped.default.seen();
+    let last = seen.last().expect("the default upstream saw it");
+    assert_eq!(last.header("x-infermesh-debug").as_deref(), Some("1"));
+    assert_eq!(last.header(VERSION), None);
+    assert_eq!(last.body_digest, e2e::upstream::digest(&body));
+
+    let ours = client
+        .send(
+            Req::post(INFER, body.clone())
+                .header("host", "digits-mlp.models.svc.cluster.local:8000")
+                .header(KEY_HEADER, "u1")
+                .header("x-infermesh-debug", "1"),
+        )
+        .await;
+    assert_eq!(
+        ours.header(UPSTREAM_HEADER).as_deref(),
+        Some("v2"),
+        "split 0/100"
+    );
+    let seen = rig_scoped.versions["2"].seen();
+    let last = seen.last().expect("version 2 saw it");
+    assert_eq!(last.header("x-infermesh-debug"), None, "stripped in scope");
+    // Without `hosts`, the same other-host request is the module's.
+    let unscoped = rig
+        .envoy
+        .client()
+        .send(Req::post(INFER, body).header("host", "other-model.models.svc.cluster.local"))
+        .await;
+    assert_eq!(unscoped.header(UPSTREAM_HEADER).as_deref(), Some("v2"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -38,7 +38,7 @@ use std::collections::BTreeMap;
 use std::rc::{Rc, Weak};
 use std::time::Duration;
 
-use filter_core::config::module::{self, ModuleConfig};
+use filter_core::config::module::{self, HostPattern, ModuleConfig};
 use filter_core::headers;
 use filter_shim::{clear_route_cache, now_ms, now_nanos};
 use log::{error, info, warn};
@@ -64,6 +64,8 @@ const WITHHELD_AFTER: u32 = 3;
 
 /// Every configured stage, shared by the HTTP contexts of one VM.
 struct Stages {
+    /// `Some`: only requests to these hosts are the module's.
+    hosts: Option<Vec<HostPattern>>,
     router: Option<router::Router>,
     canary: Option<canary::Canary>,
     failover: Option<Rc<failover::Shared>>,
@@ -78,6 +80,7 @@ impl Stages {
         let strip = cfg.strips_downstream_headers();
         let served_by = cfg.served_by_header();
         let stages = cfg.stages().join(" -> ");
+        let hosts = cfg.hosts.clone();
         let defined = |stage: &str, e| format!("cannot define the {stage} metrics: {e:?}");
         let router = cfg
             .router
@@ -99,6 +102,7 @@ impl Stages {
             if strip { "removed" } else { "trusted" }
         );
         Ok(Stages {
+            hosts,
             router,
             canary,
             failover,
@@ -385,6 +389,17 @@ impl HttpContext for Stream {
         };
         // A local reply sent while the state is borrowed comes back here
         // synchronously: it is the module's own answer, let it pass.
+        if let Some(hosts) = &stages.hosts {
+            let authority = Host
+                .get_http_request_header_bytes(":authority")
+                .unwrap_or_default();
+            if !module::in_scope(hosts, &authority) {
+                // Another service's request: untouched, and the module
+                // stays out of the rest of the stream.
+                self.stages = None;
+                return Action::Continue;
+            }
+        }
         let Ok(mut inner) = self.inner.try_borrow_mut() else {
             return Action::Continue;
         };

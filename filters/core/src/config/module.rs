@@ -14,6 +14,14 @@
 //! a module that would do nothing is a mistake in the manifest, not a
 //! no-op. Errors name the field with its section prefix
 //! (`failover.clouds[2].cluster: ...`).
+//!
+//! An optional top-level `hosts` list scopes the module by `:authority`:
+//! requests to any other host pass through untouched (no header is read
+//! beyond `:authority`, none is removed or set), so a broad WasmPlugin
+//! match can never reach another service's traffic. Entries are host
+//! names (`digits-mlp.models.svc.cluster.local`, `digits-mlp`) or suffix
+//! wildcards (`*.models.svc.cluster.local`); the port of the authority is
+//! ignored and names compare case-insensitively.
 
 use std::collections::BTreeMap;
 
@@ -26,17 +34,77 @@ use super::{from_json, ConfigError};
 
 /// The section names, in the order the stages run.
 pub const SECTIONS: [&str; 3] = ["router", "canary", "failover"];
+/// The top-level keys besides the sections.
+pub const HOSTS: &str = "hosts";
+/// Most `hosts` entries.
+pub const MAX_HOSTS: usize = 64;
 
 /// A validated module config: the stages that run, each validated by its
 /// own parser.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModuleConfig {
+    /// `None`: every request; else only requests to these hosts.
+    pub hosts: Option<Vec<HostPattern>>,
     pub router: Option<RouterConfig>,
     pub canary: Option<CanaryConfig>,
     pub failover: Option<FailoverConfig>,
 }
 
+/// One `hosts` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostPattern {
+    /// The whole host name, lower-case.
+    Exact(String),
+    /// `*.suffix`: any host ending in `.suffix` (lower-case, without `*.`).
+    Suffix(String),
+}
+
+impl HostPattern {
+    fn matches(&self, host: &[u8]) -> bool {
+        match self {
+            HostPattern::Exact(h) => host.eq_ignore_ascii_case(h.as_bytes()),
+            HostPattern::Suffix(s) => {
+                host.len() > s.len() + 1
+                    && host
+                        .get(host.len() - s.len() - 1..)
+                        .and_then(|tail| tail.split_first())
+                        .is_some_and(|(dot, rest)| {
+                            *dot == b'.' && rest.eq_ignore_ascii_case(s.as_bytes())
+                        })
+            }
+        }
+    }
+}
+
+/// Whether `authority`'s host matches one of `hosts`.
+pub fn in_scope(hosts: &[HostPattern], authority: &[u8]) -> bool {
+    let host = authority_host(authority);
+    hosts.iter().any(|p| p.matches(host))
+}
+
+/// The host of an `:authority` (`host`, `host:port`, `[v6]:port`).
+fn authority_host(authority: &[u8]) -> &[u8] {
+    if authority.first() == Some(&b'[') {
+        return authority
+            .iter()
+            .position(|&c| c == b']')
+            .and_then(|end| authority.get(..=end))
+            .unwrap_or(authority);
+    }
+    match authority.iter().rposition(|&c| c == b':') {
+        Some(colon) => authority.get(..colon).unwrap_or(authority),
+        None => authority,
+    }
+}
+
 impl ModuleConfig {
+    /// Whether a request to `authority` is the module's to decide on.
+    pub fn concerns(&self, authority: &[u8]) -> bool {
+        self.hosts
+            .as_deref()
+            .is_none_or(|hosts| in_scope(hosts, authority))
+    }
+
     /// Whether client-sent `x-infermesh-*` headers are removed: unless
     /// every configured stage trusts them. A stage that trusts downstream
     /// headers behind one that does not would otherwise let a client pick
@@ -78,6 +146,7 @@ pub fn parse(bytes: &[u8]) -> Result<ModuleConfig, ConfigError> {
     // A map rather than a struct: `"canary": null` must be an error, not
     // a section left out.
     let mut raw: BTreeMap<String, Box<RawValue>> = from_json(bytes)?;
+    let hosts = raw.remove(HOSTS).map(|h| parse_hosts(&h)).transpose()?;
     if let Some(unknown) = raw.keys().find(|k| !SECTIONS.contains(&k.as_str())) {
         return Err(ConfigError::new(
             unknown.as_str(),
@@ -94,6 +163,7 @@ pub fn parse(bytes: &[u8]) -> Result<ModuleConfig, ConfigError> {
         ));
     }
     Ok(ModuleConfig {
+        hosts,
         router: section(
             "router",
             raw.remove("router").as_deref(),
@@ -110,6 +180,34 @@ pub fn parse(bytes: &[u8]) -> Result<ModuleConfig, ConfigError> {
             super::failover::parse,
         )?,
     })
+}
+
+fn parse_hosts(raw: &RawValue) -> Result<Vec<HostPattern>, ConfigError> {
+    let list: Vec<String> = serde_json::from_str(raw.get())
+        .map_err(|e| ConfigError::new(HOSTS, format!("must be a list of host names: {e}")))?;
+    super::check_len(HOSTS, list.len(), MAX_HOSTS, "host")?;
+    list.into_iter()
+        .enumerate()
+        .map(|(i, h)| {
+            let path = format!("{HOSTS}[{i}]");
+            let (pattern, name) = match h.strip_prefix("*.") {
+                Some(rest) => (HostPattern::Suffix(rest.to_ascii_lowercase()), rest),
+                None => (HostPattern::Exact(h.to_ascii_lowercase()), h.as_str()),
+            };
+            let label_ok = |l: &str| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            };
+            if name.is_empty() || name.len() > 253 || !name.split('.').all(label_ok) {
+                return Err(ConfigError::new(
+                    path,
+                    format!("{h:?} is not a host name or *.suffix (no port, no scheme)"),
+                ));
+            }
+            Ok(pattern)
+        })
+        .collect()
 }
 
 /// Parses one section with its stage's parser and prefixes error paths

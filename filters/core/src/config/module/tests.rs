@@ -115,3 +115,59 @@ fn served_by_when_any_stage_asks() {
     let loud = parse(module(&[("canary", &quiet_canary), ("router", ROUTER)]).as_bytes()).unwrap();
     assert!(loud.served_by_header());
 }
+
+#[test]
+fn hosts_scope_the_module_by_authority() {
+    let cfg = parse(
+        module(&[
+            (
+                "hosts",
+                r#"["digits-mlp.models.svc.cluster.local", "Digits-MLP", "*.models.example.com"]"#,
+            ),
+            ("canary", CANARY),
+        ])
+        .as_bytes(),
+    )
+    .unwrap();
+    for yes in [
+        &b"digits-mlp.models.svc.cluster.local"[..],
+        b"digits-mlp.models.svc.cluster.local:8000",
+        b"DIGITS-MLP:8000",
+        b"digits-mlp",
+        b"a.models.example.com",
+        b"a.b.models.example.com:443",
+    ] {
+        assert!(cfg.concerns(yes), "{}", String::from_utf8_lossy(yes));
+    }
+    for no in [
+        &b"other.models.svc.cluster.local"[..],
+        b"digits-mlp.models",
+        b"models.example.com",
+        b"xmodels.example.com",
+        b"",
+        b":8000",
+        b"[::1]:8000",
+        b"\xff\xfe",
+    ] {
+        assert!(!cfg.concerns(no), "{}", String::from_utf8_lossy(no));
+    }
+    let all = parse(module(&[("canary", CANARY)]).as_bytes()).unwrap();
+    assert!(all.concerns(b"anything:1") && all.concerns(b""));
+}
+
+#[test]
+fn bad_hosts_are_named() {
+    for (hosts, path) in [
+        (r#"[]"#, "hosts"),
+        (r#""digits""#, "hosts"),
+        (r#"["ok", "http://x"]"#, "hosts[1]"),
+        (r#"["x:8000"]"#, "hosts[0]"),
+        (r#"["*."]"#, "hosts[0]"),
+        (r#"["a..b"]"#, "hosts[0]"),
+    ] {
+        let err = parse(module(&[("hosts", hosts), ("canary", CANARY)]).as_bytes()).unwrap_err();
+        assert_eq!(err.path, path, "{hosts}: {err}");
+    }
+    let err = parse(module(&[("hosts", r#"["a"]"#)]).as_bytes()).unwrap_err();
+    assert!(err.message.contains("no stage is configured"), "{err}");
+}
