@@ -2,9 +2,9 @@
 # Builds every infermesh filter for wasm32-wasip1 with the size-optimised
 # `wasm` profile, runs wasm-opt when it is installed, and writes to OUT_DIR
 # (default: dist/):
-#   <filter>.wasm  <filter>.wasm.sha256   the modules and their sha256
-#   oci/                                  an OCI image layout, one tag per
-#                                         filter, in the form Istio pulls for
+#   infermesh.wasm infermesh.wasm.sha256  the module and its sha256
+#   oci/                                  an OCI image layout (tag infermesh)
+#                                         in the form Istio pulls for
 #                                         oci:// WasmPlugin URLs
 # No Docker engine is needed. Usage: ./wasm-build.sh [OUT_DIR]
 set -euo pipefail
@@ -54,3 +54,18 @@ done
 args=()
 for f in "${filters[@]}"; do args+=("$f=$out/$f.wasm"); done
 python3 "$root/scripts/oci_image.py" "$out/oci" "${args[@]}"
+
+# istio/ with the digests of this build: the WasmPlugin's `sha256` set to
+# the OCI manifest digest Istio verifies for oci:// URLs (and its url to
+# $INFERMESH_IMAGE when set, e.g. registry.example.com/infermesh/infermesh:0.1.0),
+# so a re-pushed tag is never served from a stale cache.
+digest="$(cat "$out/oci/infermesh.manifest.sha256")"
+rm -rf "$out/istio"
+cp -r "$root/istio" "$out/istio"
+plugin="$out/istio/path-routing/infermesh-wasmplugin.yaml"
+sed -i "s|^  # sha256: .*|  sha256: $digest|" "$plugin"
+if [ -n "${INFERMESH_IMAGE:-}" ]; then
+  sed -i "s|^  url: oci://.*|  url: oci://${INFERMESH_IMAGE}|" "$plugin"
+fi
+grep -q "^  sha256: $digest" "$plugin" || { echo "wasm-build.sh: could not set sha256 in $plugin" >&2; exit 1; }
+echo "istio/ with sha256 $digest: $out/istio (kubectl apply -f $out/istio/base -f $out/istio/path-routing)"

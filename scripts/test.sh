@@ -28,9 +28,15 @@ cargo test --workspace --locked --no-fail-fast
 echo "== manifests (shared/schemas/validate.py)"
 schemas="$root/../shared/schemas"
 if [ -f "$schemas/validate.py" ]; then
-  .tools/venv/bin/python "$schemas/validate.py" istio/
+  .tools/venv/bin/python "$schemas/validate.py" istio/ dist/istio/
 else
   echo "validate.py not found at $schemas: manifest schema check skipped" >&2
+fi
+if [ -f "$schemas/check_istio_wasm_image.py" ]; then
+  echo "== the OCI image against Istio's Wasm image fetcher rules"
+  .tools/venv/bin/python "$schemas/check_istio_wasm_image.py" oci:dist/oci:infermesh
+  # The digest the build wrote into dist/istio is the image's.
+  grep -q "sha256: $(cat dist/oci/infermesh.manifest.sha256)" dist/istio/path-routing/infermesh-wasmplugin.yaml
 fi
 
 if [ -d sidecar/tests/client ] && ls sidecar/tests/client/test_*.py >/dev/null 2>&1; then
