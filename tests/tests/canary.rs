@@ -375,6 +375,61 @@ fn stable_keys(cfg: &CanaryConfig, n: usize) -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_no_stage_concerns_reaches_the_upstream_as_without_the_module() {
+    // A model no split lists: the module decides nothing, so the upstream
+    // sees the same request line, headers and body as through an Envoy
+    // without the module (x-request-id aside: Envoy makes a new one).
+    let _bin =
+        require_envoy!("a_request_no_stage_concerns_reaches_the_upstream_as_without_the_module");
+    let rig = Rig::start(&config(&[("1", 50.0), ("2", 50.0)])).await;
+    let plain_up = Upstream::start("default").await;
+    let plain = Envoy::start(
+        &Bootstrap::new()
+            .cluster(&plain_up.name, plain_up.addr)
+            .default_route(&plain_up.name),
+    )
+    .await;
+    let body = br#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[1.5]}]}"#.to_vec();
+    let req = || {
+        Req::post("/v2/models/another-model/infer?x=1", body.clone())
+            .header(KEY_HEADER, "u1")
+            .header("cookie", "a=b; session=s1")
+            .header("x-custom", b"\xff\xfe opaque".as_slice())
+    };
+    let through_module = rig.envoy.client().send(req()).await;
+    let without = plain.client().send(req()).await;
+    assert_eq!(through_module.status, 200);
+    assert_eq!(without.status, 200);
+    assert_eq!(through_module.header(SERVED_BY), None);
+    let a = rig
+        .default
+        .seen()
+        .pop()
+        .expect("the module's default upstream saw it");
+    let b = plain_up.seen().pop().expect("the plain upstream saw it");
+    assert_eq!(
+        (a.method.as_str(), a.path.as_str()),
+        (b.method.as_str(), b.path.as_str())
+    );
+    assert_eq!((a.body_len, a.body_digest), (b.body_len, b.body_digest));
+    let headers = |s: &e2e::upstream::Seen| -> Vec<(String, Vec<u8>)> {
+        let mut h: Vec<(String, Vec<u8>)> = s
+            .headers
+            .iter()
+            .filter(|(n, _)| n.as_str() != "x-request-id")
+            .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
+            .collect();
+        h.sort();
+        h
+    };
+    assert_eq!(
+        headers(&a),
+        headers(&b),
+        "the module changed a request it does not concern"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_to_other_hosts_pass_through_untouched() {
     // `hosts` scopes the module by :authority: another service's request
     // is not split, and reaches its upstream byte-identical, even with
