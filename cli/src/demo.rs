@@ -15,6 +15,7 @@ use mesh::{Client, Req, Resp};
 use serde_json::{json, Value};
 
 use crate::local::{LocalMesh, Options, CLOUDS, RESIDENCY_HEADER, VERSIONS};
+use filter_core::stats::failover::{REQUESTS, TRANSITIONS};
 
 /// Users in the split and ramp steps.
 const USERS: usize = 2_000;
@@ -37,8 +38,6 @@ const SWITCH_LIMIT_MS: f64 = 2_000.0;
 const READMIT_MIN_MS: f64 = 800.0;
 const RETURN_LIMIT_MS: f64 = 4_000.0;
 const RETURN_SHARE: f64 = 90.0;
-const REQUESTS: &str = "infermesh_failover_requests_total";
-const TRANSITIONS: &str = "infermesh_failover_transitions_total";
 const OUTCOMES: [&str; 4] = ["served", "replayed", "hedged", "failed"];
 const REASONS: [&str; 3] = ["probe", "live_failures", "live_failure_rate"];
 

@@ -15,6 +15,9 @@ use e2e::{
 use filter_core::canary::{self, Decision};
 use filter_core::config::canary::CanaryConfig;
 use filter_core::headers::{SERVED_BY, VERSION};
+use filter_core::stats::canary::{
+    OVERRIDE_REJECTED as REJECTED, REQUESTS, STRIPPED, UNMATCHED, WEIGHT,
+};
 use serde_json::json;
 
 const MODEL: &str = "digits-mlp";
@@ -22,11 +25,6 @@ const INFER: &str = "/v2/models/digits-mlp/infer";
 const KEY_HEADER: &str = "x-user-id";
 const KEY_COOKIE: &str = "uid";
 const OVERRIDE: &str = "x-canary-version";
-const REQUESTS: &str = "infermesh_canary_requests_total";
-const REJECTED: &str = "infermesh_canary_override_rejected_total";
-const UNMATCHED: &str = "infermesh_canary_unmatched_total";
-const STRIPPED: &str = "infermesh_canary_stripped_headers_total";
-const WEIGHT: &str = "infermesh_canary_weight_bp";
 
 /// A pluginConfig splitting [`MODEL`] over `versions` (name, percent),
 /// keyed on the `x-user-id` header, then the `uid` cookie.

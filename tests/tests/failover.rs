@@ -14,16 +14,10 @@ use e2e::{
     assert_vm_healthy, require_envoy, Bootstrap, Envoy, Req, Resp, Stats, Upstream, WasmFilter,
 };
 use filter_core::headers::{CLOUD, SERVED_BY};
+use filter_core::stats::failover::{
+    FAILURES, GIVE_UPS, NOT_BUFFERED, NO_CLOUD, PROBES, REQUESTS, TRANSITIONS, TRIES,
+};
 use serde_json::json;
-
-const REQUESTS: &str = "infermesh_failover_requests_total";
-const TRIES: &str = "infermesh_failover_tries_total";
-const FAILURES: &str = "infermesh_failover_failures_total";
-const NO_CLOUD: &str = "infermesh_failover_no_cloud_total";
-const PROBES: &str = "infermesh_failover_probes_total";
-const TRANSITIONS: &str = "infermesh_failover_transitions_total";
-const GIVE_UPS: &str = "infermesh_failover_give_ups_total";
-const NOT_BUFFERED: &str = "infermesh_failover_not_buffered_total";
 
 const INFER: &str = "/v2/models/digits-mlp/infer";
 const PROBE_INTERVAL_MS: u64 = 200;

@@ -12,11 +12,8 @@ use e2e::upstream::{digest, Seen, UPSTREAM_HEADER};
 use e2e::{assert_vm_healthy, require_envoy, Bootstrap, Envoy, Req, Resp, Upstream, WasmFilter};
 use filter_core::canary::{self, Decision};
 use filter_core::headers::{MODEL, SERVED_BY, VERSION};
+use filter_core::stats::router::{BODY_FALLBACK as FALLBACK, REJECTED, REQUESTS};
 use serde_json::json;
-
-const REQUESTS: &str = "infermesh_router_requests_total";
-const REJECTED: &str = "infermesh_router_rejected_total";
-const FALLBACK: &str = "infermesh_router_body_fallback_total";
 
 fn router_config() -> serde_json::Value {
     json!({

@@ -14,6 +14,37 @@
 //! In Istio, list the tags in `meshConfig.defaultConfig.extraStatTags` (see
 //! `istio/`).
 
+/// Metric names, one module per stage: the module defines them, and the
+/// tests, the demo and the benchmarks read them.
+pub mod router {
+    pub const REQUESTS: &str = "infermesh_router_requests_total";
+    pub const REJECTED: &str = "infermesh_router_rejected_total";
+    pub const PASSED: &str = "infermesh_router_passthrough_total";
+    pub const BODY_FALLBACK: &str = "infermesh_router_body_fallback_total";
+    pub const STRIPPED: &str = "infermesh_router_stripped_headers_total";
+}
+
+pub mod canary {
+    pub const REQUESTS: &str = "infermesh_canary_requests_total";
+    pub const OVERRIDE_REJECTED: &str = "infermesh_canary_override_rejected_total";
+    pub const UNMATCHED: &str = "infermesh_canary_unmatched_total";
+    pub const STRIPPED: &str = "infermesh_canary_stripped_headers_total";
+    pub const WEIGHT: &str = "infermesh_canary_weight_bp";
+}
+
+pub mod failover {
+    pub const REQUESTS: &str = "infermesh_failover_requests_total";
+    pub const TRIES: &str = "infermesh_failover_tries_total";
+    pub const FAILURES: &str = "infermesh_failover_failures_total";
+    pub const GIVE_UPS: &str = "infermesh_failover_give_ups_total";
+    pub const NO_CLOUD: &str = "infermesh_failover_no_cloud_total";
+    pub const NOT_BUFFERED: &str = "infermesh_failover_not_buffered_total";
+    pub const PROBES: &str = "infermesh_failover_probes_total";
+    pub const TRANSITIONS: &str = "infermesh_failover_transitions_total";
+    pub const HEALTHY: &str = "infermesh_failover_cloud_healthy";
+    pub const STRIPPED: &str = "infermesh_failover_stripped_headers_total";
+}
+
 /// Tags the filters emit; the e2e bootstrap and `istio/` declare each one.
 pub const TAGS: &[&str] = &[
     "model", "version", "decision", "source", "reason", "cloud", "outcome", "failure",

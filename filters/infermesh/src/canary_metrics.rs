@@ -5,15 +5,10 @@
 
 use filter_core::canary::How;
 use filter_core::config::canary::CanaryConfig;
+use filter_core::stats::canary::*;
 use filter_core::stats::tagged;
 use filter_shim::{bump, counter, gauge, set};
 use proxy_wasm::types::Status;
-
-pub const REQUESTS: &str = "infermesh_canary_requests_total";
-pub const OVERRIDE_REJECTED: &str = "infermesh_canary_override_rejected_total";
-pub const UNMATCHED: &str = "infermesh_canary_unmatched_total";
-pub const STRIPPED: &str = "infermesh_canary_stripped_headers_total";
-pub const WEIGHT: &str = "infermesh_canary_weight_bp";
 
 /// Decisions per version: keyed, unkeyed, override (the `How` values) and
 /// pinned.

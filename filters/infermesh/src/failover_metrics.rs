@@ -9,20 +9,10 @@ use filter_core::config::failover::FailoverConfig;
 use filter_core::failover::attempts::GiveUp;
 use filter_core::failover::health::{Cause, State};
 use filter_core::failover::{Failure, NoCloud, Outcome};
+use filter_core::stats::failover::*;
 use filter_core::stats::tagged;
 use filter_shim::{bump, counter, gauge, set};
 use proxy_wasm::types::Status;
-
-pub const REQUESTS: &str = "infermesh_failover_requests_total";
-pub const TRIES: &str = "infermesh_failover_tries_total";
-pub const FAILURES: &str = "infermesh_failover_failures_total";
-pub const GIVE_UPS: &str = "infermesh_failover_give_ups_total";
-pub const NO_CLOUD: &str = "infermesh_failover_no_cloud_total";
-pub const NOT_BUFFERED: &str = "infermesh_failover_not_buffered_total";
-pub const PROBES: &str = "infermesh_failover_probes_total";
-pub const TRANSITIONS: &str = "infermesh_failover_transitions_total";
-pub const HEALTHY: &str = "infermesh_failover_cloud_healthy";
-pub const STRIPPED: &str = "infermesh_failover_stripped_headers_total";
 
 /// How a try was started; the `decision` tag of [`TRIES`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

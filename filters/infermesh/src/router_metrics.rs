@@ -2,15 +2,10 @@
 
 use filter_core::config::router::RouterConfig;
 use filter_core::router::{BodyFallback, Miss, Source};
+use filter_core::stats::router::*;
 use filter_core::stats::tagged;
 use filter_shim::{bump, counter};
 use proxy_wasm::types::Status;
-
-pub const REQUESTS: &str = "infermesh_router_requests_total";
-pub const REJECTED: &str = "infermesh_router_rejected_total";
-pub const PASSED: &str = "infermesh_router_passthrough_total";
-pub const BODY_FALLBACK: &str = "infermesh_router_body_fallback_total";
-pub const STRIPPED: &str = "infermesh_router_stripped_headers_total";
 
 /// Tag value for requests that name no version (the canary picks one).
 pub const UNPINNED: &str = "unpinned";
