@@ -7,6 +7,7 @@
 
 use filter_core::config::failover::FailoverConfig;
 use filter_core::failover::attempts::GiveUp;
+pub use filter_core::failover::flight::TryKind;
 use filter_core::failover::health::{Cause, State};
 use filter_core::failover::{Failure, NoCloud, Outcome};
 use filter_core::stats::tagged;
@@ -23,29 +24,6 @@ pub const PROBES: &str = "infermesh_failover_probes_total";
 pub const TRANSITIONS: &str = "infermesh_failover_transitions_total";
 pub const HEALTHY: &str = "infermesh_failover_cloud_healthy";
 pub const STRIPPED: &str = "infermesh_failover_stripped_headers_total";
-
-/// How a try was started; the `decision` tag of [`TRIES`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TryKind {
-    /// The request as routed by Envoy to the picked cloud.
-    First,
-    /// A callout after a failed try.
-    Replay,
-    /// A callout racing a slow try.
-    Hedge,
-}
-
-impl TryKind {
-    const ALL: [TryKind; 3] = [TryKind::First, TryKind::Replay, TryKind::Hedge];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TryKind::First => "first",
-            TryKind::Replay => "replay",
-            TryKind::Hedge => "hedge",
-        }
-    }
-}
 
 /// Outcomes counted per cloud (`NoCloud` has its own counter).
 const PER_CLOUD_OUTCOMES: [Outcome; 4] = [
