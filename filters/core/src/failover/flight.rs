@@ -649,9 +649,12 @@ impl Flight {
             // let only fast answers in and shrink the delay). The price:
             // a cloud that became slow for good, but answers, keeps being
             // hedged at its old delay (a duplicate request each, latency
-            // of the faster cloud) until its own answers beat the hedge's
-            // again; the delay does not learn the new slowness from
-            // answers it never sees.
+            // of the faster cloud) as long as the hedged cloud answers
+            // first; the delay does not learn the new slowness from
+            // answers it never sees. When the other cloud is no faster,
+            // the routed answers win their races, their real times enter
+            // the ring and the delay rises: hedging goes on only while it
+            // pays.
             out.signal(Signal::Latency {
                 cloud: self.first,
                 ms: self.hedge_delay_ms,

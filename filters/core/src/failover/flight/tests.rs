@@ -587,14 +587,16 @@ fn oversized_body_is_not_buffered_and_not_replayed() {
 // ---- the hedge delay after a hang --------------------------------------
 
 /// One worker at 200 req/s (400 across two), a 10 ms root tick, cloud b
-/// answering 3 ms after each callout, cloud a answering in `a_ms(t)` for a
-/// request started at `t` (`None`: a hangs). Returns, per request started
-/// at or after `from`, (start, time to its answer, hedge delay used).
+/// answering `b_ms` after each callout, cloud a answering in `a_ms(t)` for
+/// a request started at `t` (`None`: a hangs). Returns, per request
+/// started at or after `from`, (start, time to its answer, hedge delay
+/// used).
 fn simulate(
     json: &str,
     until: u64,
     from: u64,
     a_ms: impl Fn(u64) -> Option<u64>,
+    b_ms: u64,
 ) -> Vec<(u64, u64, u64)> {
     struct Live {
         flight: Flight,
@@ -645,7 +647,7 @@ fn simulate(
             for out in outs {
                 for e in &out.effects {
                     if let Effect::Dispatch(t) = e {
-                        l.calls.push((now + 3, *t));
+                        l.calls.push((now + b_ms, *t));
                         l.hedged_at = Some(now);
                     }
                     if e.is_end() && l.start >= from {
@@ -670,7 +672,7 @@ fn hedge_stays_early_while_a_cloud_hangs() {
     // hedged at 30 ms plus at most one tick, and answered by b: none takes
     // 100 ms. (Recording the elapsed time of a hedged request as a's
     // latency ratcheted the delay up by ~13 ms per round of requests.)
-    let done = simulate(DERIVED, 3_500, 2_000, |t| (t < 2_000).then_some(8));
+    let done = simulate(DERIVED, 3_500, 2_000, |t| (t < 2_000).then_some(8), 3);
     assert!(done.len() > 250, "{}", done.len());
     let slow: Vec<_> = done.iter().filter(|(_, ms, _)| *ms > 50).collect();
     let over_100: Vec<_> = done.iter().filter(|(_, ms, _)| *ms > 100).collect();
@@ -692,12 +694,39 @@ fn hedge_delay_of_a_slow_but_alive_cloud_stays_put() {
     // request is hedged at the old delay and answered by b (a duplicate
     // request each); the delay neither ratchets to max_delay_ms nor
     // shrinks below the last one observed.
-    let done = simulate(DERIVED, 4_000, 2_000, |t| {
-        Some(if t < 2_000 { 8 } else { 60 })
-    });
+    let done = simulate(
+        DERIVED,
+        4_000,
+        2_000,
+        |t| Some(if t < 2_000 { 8 } else { 60 }),
+        3,
+    );
     assert!(
         done.iter().all(|(_, ms, delay)| *ms <= 45 && *delay == 30),
         "{done:?}"
+    );
+}
+
+#[test]
+fn hedge_delay_rises_when_hedging_does_not_pay() {
+    // Both clouds slow to 60 ms (the proxy's machine is busy, say): the
+    // routed answers win their races, their real times enter the ring,
+    // and the delay rises to them, so hedges stop doubling the traffic.
+    let done = simulate(
+        DERIVED,
+        5_000,
+        2_000,
+        |t| Some(if t < 2_000 { 8 } else { 60 }),
+        60,
+    );
+    let late: Vec<_> = done
+        .iter()
+        .filter(|(start, _, _)| *start >= 4_000)
+        .collect();
+    assert!(!late.is_empty());
+    assert!(
+        late.iter().all(|(_, ms, delay)| *ms == 60 && *delay >= 60),
+        "{late:?}"
     );
 }
 
@@ -876,4 +905,19 @@ proptest! {
         prop_assert_eq!(judge.finished, 1);
         prop_assert!(!f.holding());
     }
+}
+
+#[test]
+fn replays_pin_the_chosen_version_into_the_path() {
+    assert_eq!(
+        pinned_path(b"/v2/models/m/infer?x=1", Some(b"2")).as_deref(),
+        Some("/v2/models/m/versions/2/infer?x=1")
+    );
+    assert_eq!(
+        pinned_path(b"/v2/models/m/versions/2/infer", Some(b"2")),
+        None
+    );
+    assert_eq!(pinned_path(b"/v2/models/m/infer", None), None);
+    assert_eq!(pinned_path(b"/predict", Some(b"2")), None);
+    assert_eq!(pinned_path(b"/v2/models/m/infer", Some(b"\xff")), None);
 }
