@@ -412,3 +412,51 @@ fn explain_failover_limits_replay_of_non_idempotent_and_large_requests() {
     assert_eq!(code, Some(64), "{err}");
     assert!(err.contains(r#"--down: unknown cloud "aws-west""#), "{err}");
 }
+
+#[test]
+fn explain_failover_reads_an_empty_model_header_as_the_filter_does() {
+    // With downstream headers trusted, the model may come from
+    // x-infermesh-model; an empty one names no model, in the 503 too.
+    let dir = std::env::temp_dir().join(format!("infermesh-cli-trust-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let text = std::fs::read_to_string(format!("../{FAILOVER}")).unwrap();
+    let trusting = text.replacen(
+        r#""trust_downstream_headers": false"#,
+        r#""trust_downstream_headers": true"#,
+        1,
+    );
+    assert_ne!(
+        trusting, text,
+        "the example changed shape; update this test"
+    );
+    let cfg = dir.join("failover.json");
+    std::fs::write(&cfg, &trusting).unwrap();
+    let explain = |model: &str| {
+        let out = run(&[
+            "explain",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--path",
+            "/predict",
+            "-H",
+            "x-data-residency: mars",
+            "-H",
+            model,
+        ]);
+        assert!(out.status.success(), "{}", stdout(&out));
+        stdout(&out)
+    };
+    let empty = explain("x-infermesh-model:");
+    let named = explain("x-infermesh-model: digits-mlp");
+    std::fs::remove_dir_all(&dir).ok();
+    assert!(empty.contains("model none named"), "{empty}");
+    assert!(
+        empty.contains(r#"{"error":"no cloud may serve this request under residency x-data-residency=\"mars\", which no rule lists","model":null,"#),
+        "{empty}"
+    );
+    assert!(
+        named.contains("model digits-mlp (trusted x-infermesh-model header)"),
+        "{named}"
+    );
+    assert!(named.contains(r#""model":"digits-mlp""#), "{named}");
+}

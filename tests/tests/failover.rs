@@ -485,6 +485,31 @@ async fn all_clouds_down_answer_503_at_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_model_header_names_no_model() {
+    // Trusted x-infermesh-model on a non-OIP path: the 503 names the model
+    // it gives, and an empty one names none (as `infermesh explain` says).
+    let _bin = require_envoy!("an_empty_model_header_names_no_model");
+    let mut cfg = config();
+    cfg["trust_downstream_headers"] = json!(true);
+    let rig = Rig::start(cfg).await;
+    let send = |model: &'static str| {
+        rig.send(
+            Req::post("/predict", infer_body())
+                .header("x-data-residency", "mars")
+                .header("x-infermesh-model", model),
+        )
+    };
+    let (named, empty) = (send("digits-mlp").await, send("").await);
+    for (r, model) in [(&named, json!("digits-mlp")), (&empty, json!(null))] {
+        assert_eq!(r.status, 503, "{}", r.text());
+        let body: serde_json::Value = serde_json::from_str(&r.text()).expect("JSON body");
+        assert_eq!(body["model"], model, "{body}");
+    }
+    assert!(empty.text().contains("this request"), "{}", empty.text());
+    assert_vm_healthy(&[named, empty], &rig.envoy.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_returning_cloud_gets_traffic_back_once() {
     let _bin = require_envoy!("a_returning_cloud_gets_traffic_back_once");
     let rig = Rig::start(config()).await;

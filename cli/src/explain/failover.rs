@@ -6,8 +6,9 @@ use std::fmt::Write as _;
 
 use filter_core::config::failover::{FailoverConfig, HedgeDelay};
 use filter_core::failover::attempts::{self, Attempts, Body, Class, Next};
+use filter_core::failover::flight::{Env, Flight, Out, Request, Start};
 use filter_core::failover::latency::{self, LatencyTracker};
-use filter_core::failover::{self as core, Applied, CloudSet, Failure, NoCloud, Scope};
+use filter_core::failover::{Applied, CloudSet, Failure, Scope};
 use filter_core::{headers, oip};
 
 use super::ExplainRequest;
@@ -53,19 +54,27 @@ pub fn failover(cfg: &FailoverConfig, req: &ExplainRequest) -> Result<String, St
             headers::CLOUD
         );
     }
-    let model_header = if cfg.trust_downstream_headers {
-        req.header(headers::MODEL)
-    } else {
-        None
-    };
-
     let (method, why) = match &req.method {
         Some(m) => (m.to_ascii_uppercase(), "-X"),
         None if req.body.is_some() => ("POST".to_owned(), "default with a body"),
         None if infer_path => ("POST".to_owned(), "default for an OIP infer path"),
         None => ("GET".to_owned(), "default; -X to change"),
     };
-    let class = attempts::classify(cfg, method.as_bytes(), path, model_header.as_deref());
+    // The headers as the filter reads them; method, path and body come
+    // from the command line.
+    let find = |name: &str| {
+        req.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_slice())
+    };
+    let request = Request {
+        method: method.as_bytes(),
+        path,
+        content_length: req.body.as_ref().map(Vec::len),
+        ..Request::from_headers(cfg, find, req.body.is_none())
+    };
+    let class = request.class(cfg);
     let model = match (&class.model, &oip_path) {
         (None, _) => "none named".to_owned(),
         (Some(m), Some(_)) => format!("{m} (OIP path)"),
@@ -73,12 +82,11 @@ pub fn failover(cfg: &FailoverConfig, req: &ExplainRequest) -> Result<String, St
     };
     let _ = writeln!(out, "request:   {method} ({why}); model {model}");
 
-    let value = cfg.residency.header.as_deref().and_then(|h| req.header(h));
-    let scope = core::scope(cfg, value.as_deref());
+    let scope = request.scope(cfg);
     let _ = writeln!(
         out,
         "residency: {}",
-        describe_scope(cfg, &scope, value.as_deref())
+        describe_scope(cfg, &scope, request.residency)
     );
     let names = |set: CloudSet| -> Vec<&str> {
         cfg.order
@@ -107,16 +115,26 @@ pub fn failover(cfg: &FailoverConfig, req: &ExplainRequest) -> Result<String, St
         );
     }
 
-    let Some(first) = core::pick(cfg, scope.allowed, healthy, CloudSet::EMPTY) else {
-        let body = core::no_cloud_body(cfg, class.model.as_deref(), &scope, value.as_deref());
-        let _ = writeln!(
-            out,
-            "decision:  {} from the filter ({}): {}",
-            core::NO_CLOUD_STATUS,
-            NoCloud::of(&scope).as_str(),
-            String::from_utf8_lossy(&body)
-        );
-        return Ok(out);
+    let env = Env {
+        cfg,
+        healthy,
+        latency: &[],
+    };
+    let first = match Flight::start(&env, &request, req.now_ms, &mut Out::default()) {
+        Start::Routed(flight) => flight.first(),
+        Start::NoCloud {
+            reason,
+            status,
+            body,
+        } => {
+            let _ = writeln!(
+                out,
+                "decision:  {status} from the filter ({}): {}",
+                reason.as_str(),
+                String::from_utf8_lossy(&body)
+            );
+            return Ok(out);
+        }
     };
     let cloud = cfg.clouds.get(first);
     let _ = writeln!(

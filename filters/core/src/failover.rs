@@ -15,11 +15,16 @@
 //! 3. On a failed try, [`attempts::Attempts::on_upstream_failure`] answers
 //!    `ReplayTo(cloud)`, `Wait` (a hedge is still running) or
 //!    `GiveUp(reason)`; on an answer, `on_answer` says whether it wins.
-//! 4. Every live outcome and probe result updates the cloud's
+//! 4. [`flight::Flight`] runs one request's lifecycle on these pieces:
+//!    events in (request, routed response, callout answer, tick, each
+//!    with `now_ms`), effects and signals out; the shim and `infermesh
+//!    explain` read a request's headers with [`flight::Request`].
+//! 5. Every live outcome and probe result updates the cloud's
 //!    [`health::Record`] (compare-and-swap in shared data), which moves
 //!    the cloud between healthy and unhealthy with hysteresis.
 
 pub mod attempts;
+pub mod flight;
 pub mod health;
 pub mod latency;
 

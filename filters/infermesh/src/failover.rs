@@ -1,9 +1,10 @@
 //! The failover stage: the host side of `filter_core::failover`.
 //!
-//! **The first try is Envoy's.** Per request the stage picks the first
+//! **The first try is Envoy's.** Per request the filter picks the first
 //! healthy cloud the residency rule allows, writes it to
-//! `x-infermesh-cloud`, and lets the route carry the request to that
-//! cloud's cluster: the common case costs a header and streams both ways.
+//! `x-infermesh-cloud`, clears the route cache, and lets the route carry
+//! the request to that cloud's cluster: the common case costs a header and
+//! streams both ways.
 //!
 //! **Replays and hedges are callouts.** A failed first try (connect
 //! failure, reset, 5xx, timeout) is held at the response headers, and the
@@ -15,11 +16,13 @@
 //! tick when the first try is slower than the hedge delay; whichever
 //! answers first wins. When a callout wins, Envoy resets the routed try as
 //! the reply goes out; a losing callout runs to its end (proxy-wasm cannot
-//! cancel one) and only its health signal is kept. Try timeouts, hedge
-//! delays and the total deadline start when the request body is complete.
-//! Losing a hedge race is not a failure (a stalled proxy makes every cloud
-//! late); a hung cloud leaves by its try timeout and its probes, and until
-//! then every request to it is hedged.
+//! cancel one) and only its health signal is kept.
+//!
+//! **The lifecycle is the core's.** Each request is a
+//! [`filter_core::failover::flight::Flight`]: this shim turns host
+//! callbacks into its events and its effects into host calls (callouts,
+//! pausing, resuming or replacing the response), and records its signals
+//! (health, latency, metrics).
 //!
 //! **Health is shared.** Every worker VM keeps the same per-cloud
 //! [`Record`]s in shared data (compare-and-swap updates), fed by readiness
@@ -32,18 +35,20 @@ use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
 use std::time::Duration;
 
-use filter_core::config::failover::{FailoverConfig, HedgeDelay};
-use filter_core::failover::attempts::{self, Attempts, Body, GiveUp, Next};
+use filter_core::config::failover::FailoverConfig;
+use filter_core::failover::flight::{
+    self, Answer, Effect, Env, Flight, Out, Request, Signal, Start, Try, TryKind,
+};
 use filter_core::failover::health::{self, Record, Update};
-use filter_core::failover::latency::{hedge_delay_ms, LatencyTracker};
-use filter_core::failover::{self as core, CloudSet, Failure, NoCloud};
-use filter_core::{headers, oip};
+use filter_core::failover::latency::LatencyTracker;
+use filter_core::failover::CloudSet;
+use filter_core::headers;
 use log::{debug, info, warn};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::HttpContext;
-use proxy_wasm::types::{Action, Bytes, MapType, Status};
+use proxy_wasm::types::{Action, BufferType, Bytes, MapType, Status};
 
-use crate::failover_metrics::{Metrics, TryKind};
+use crate::failover_metrics::Metrics;
 use crate::request::RequestHeaders;
 
 /// Root tick: hedge and try-timeout resolution is this fine.
@@ -87,17 +92,8 @@ const NOT_RETURNED: &[&str] = &[
 /// What a callout token is for.
 #[derive(Debug, Clone, Copy)]
 enum Call {
-    Probe {
-        cloud: usize,
-        seq: u32,
-    },
-    Try {
-        context_id: u32,
-        cloud: usize,
-        kind: TryKind,
-        started_ms: u64,
-        timeout_ms: u64,
-    },
+    Probe { cloud: usize, seq: u32 },
+    Try { context_id: u32, try_: Try },
 }
 
 /// A probe round this VM runs for one cloud.
@@ -108,50 +104,17 @@ struct Round {
     failed: bool,
 }
 
-/// One request in flight: its tries, its buffered copy, its timers.
-struct Flight {
+/// One request in flight: the core's flight and what only the host has.
+struct InFlight {
     context_id: u32,
-    attempts: Attempts,
-    first: usize,
-    started_ms: u64,
-    model: Option<String>,
-    /// `model/version` the stages ahead chose, for a reply's served-by.
-    served_prefix: Option<String>,
+    flight: Flight,
     /// The request headers as they went upstream (for callouts).
     headers: Vec<(String, Bytes)>,
-    body: Vec<u8>,
-    body_state: Body,
-    /// The whole request went upstream: the timers run.
-    request_complete: bool,
-    hedge_policy: Option<HedgeDelay>,
-    /// The try Envoy routed has not answered and was not abandoned.
-    routed_live: bool,
-    routed_deadline_ms: u64,
-    deadline_ms: u64,
-    hedge_at_ms: Option<u64>,
-    /// The routed try's failure response is paused at its headers.
-    held: bool,
-    /// The filter sent its own reply: nothing more to do.
-    replied: bool,
-    /// Every failed try, for the give-up body (bounded by max_attempts).
-    failures: Vec<(usize, Failure)>,
+    /// `model/version` the stages ahead chose, for a reply's served-by.
+    served_prefix: Option<String>,
 }
 
-impl Flight {
-    fn next_due_ms(&self) -> u64 {
-        if self.replied {
-            return u64::MAX;
-        }
-        let mut due = self.deadline_ms;
-        if self.routed_live {
-            due = due.min(self.routed_deadline_ms);
-        }
-        if let Some(at) = self.hedge_at_ms {
-            due = due.min(at);
-        }
-        due
-    }
-
+impl InFlight {
     fn header(&self, name: &str) -> Option<&[u8]> {
         self.headers
             .iter()
@@ -160,13 +123,17 @@ impl Flight {
     }
 }
 
-/// How a failed try ended for the request.
+/// Where effects are carried out: in the routed response's headers
+/// callback (which answers with an `Action`), or elsewhere (a tick, a
+/// callout answer), through the stream's context.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum After {
-    /// Another try is running (started now, or earlier).
-    Trying,
-    /// No more tries: the failure stands.
-    GaveUp(GiveUp),
+enum Site {
+    ResponseHeaders,
+    /// A callout answer; its body is this long.
+    Callout {
+        body_size: usize,
+    },
+    Tick,
 }
 
 /// State every context of one VM shares.
@@ -186,7 +153,7 @@ pub struct Shared {
     /// then changes nothing and needs no shared-data write.
     clean: Cell<CloudSet>,
     latency: RefCell<Vec<LatencyTracker>>,
-    flights: RefCell<BTreeMap<u32, Rc<RefCell<Flight>>>>,
+    flights: RefCell<BTreeMap<u32, Rc<RefCell<InFlight>>>>,
     calls: RefCell<HashMap<u32, Call>>,
     rounds: RefCell<Vec<Option<Round>>>,
 }
@@ -194,6 +161,17 @@ pub struct Shared {
 impl Shared {
     fn cloud_name(&self, cloud: usize) -> &str {
         self.cfg.cloud_name(cloud)
+    }
+
+    /// Runs one event of a flight with this VM's health and latency view.
+    fn event<R>(&self, f: impl FnOnce(&Env) -> R) -> R {
+        let latency = self.latency.borrow();
+        let env = Env {
+            cfg: &self.cfg,
+            healthy: self.healthy.get(),
+            latency: &latency,
+        };
+        f(&env)
     }
 
     /// Read–modify–write of a cloud's shared record; `f` may run more than
@@ -275,32 +253,23 @@ impl Shared {
         self.update(cloud, |r| r.on_live_result(passive, now, ok));
     }
 
-    /// The whole request went upstream at `now`: the total deadline, the
-    /// routed try's timeout and the hedge delay start here, as Envoy's own
-    /// try timeouts do (a slow upload is not the cloud's fault).
-    fn request_complete(&self, fl: &mut Flight, now: u64) {
-        fl.request_complete = true;
-        fl.attempts.start_clock(now);
-        fl.started_ms = now;
-        fl.deadline_ms = fl.attempts.deadline_ms(&self.cfg);
-        if fl.routed_live {
-            fl.routed_deadline_ms = now
-                .saturating_add(self.cfg.replay.per_try_timeout_ms)
-                .min(fl.deadline_ms);
-            fl.hedge_at_ms = fl.hedge_policy.as_ref().map(|policy| {
-                let delay = self
-                    .latency
-                    .borrow()
-                    .get(fl.first)
-                    .map_or(0, |t| hedge_delay_ms(policy, t));
-                now.saturating_add(delay)
-            });
-        }
-    }
-
     fn record_latency(&self, cloud: usize, ms: u64) {
         if let Some(t) = self.latency.borrow_mut().get_mut(cloud) {
             t.record(ms);
+        }
+    }
+
+    /// Records what a flight signalled.
+    fn record(&self, signals: &[Signal], now: u64) {
+        for s in signals {
+            match *s {
+                Signal::Live { cloud, ok } => self.live(cloud, ok, now),
+                Signal::Latency { cloud, ms } => self.record_latency(cloud, ms),
+                Signal::Failed { cloud, failure } => self.metrics.failure(cloud, failure),
+                Signal::GaveUp(reason) => self.metrics.give_up(reason),
+                Signal::Finished { cloud, outcome } => self.metrics.request(cloud, outcome),
+                Signal::NotBuffered => self.metrics.not_buffered(),
+            }
         }
     }
 
@@ -402,53 +371,76 @@ impl Shared {
         self.update(cloud, |r| r.on_probe_result(probe, now, seq, ok));
     }
 
-    // ---- tries ----------------------------------------------------------
+    // ---- flights --------------------------------------------------------
 
-    /// A try to `cloud` failed: record it, then replay, wait or give up.
-    fn fail(&self, f: &Rc<RefCell<Flight>>, cloud: usize, failure: Failure, now: u64) -> After {
-        self.metrics.failure(cloud, failure);
-        self.live(cloud, false, now);
-        let next = {
-            let mut fl = f.borrow_mut();
-            fl.failures.push((cloud, failure));
-            fl.attempts.on_upstream_failure(
-                &self.cfg,
-                now,
-                cloud,
-                failure,
-                false,
-                self.healthy.get(),
-            )
-        };
-        self.act(f, next, TryKind::Replay, now)
-    }
-
-    fn act(&self, f: &Rc<RefCell<Flight>>, next: Next, kind: TryKind, now: u64) -> After {
-        match next {
-            Next::ReplayTo { cloud, timeout_ms } => self.start_try(f, cloud, kind, timeout_ms, now),
-            Next::Wait => After::Trying,
-            Next::GiveUp(reason) => {
-                self.metrics.give_up(reason);
-                After::GaveUp(reason)
+    /// Records an event's signals and carries out its effects at `site`.
+    /// Returns the cloud whose routed response may pass (response headers
+    /// only; the caller adds its headers).
+    fn apply(&self, f: &Rc<RefCell<InFlight>>, out: Out, now: u64, site: Site) -> Option<usize> {
+        self.record(&out.signals, now);
+        let mut pass = None;
+        for effect in out.effects {
+            match effect {
+                Effect::Dispatch(t) => {
+                    if !self.start_try(f, t) {
+                        let mut again = Out::default();
+                        self.event(|env| {
+                            f.borrow_mut()
+                                .flight
+                                .on_dispatch_failed(env, now, &t, &mut again)
+                        });
+                        pass = self.apply(f, again, now, site).or(pass);
+                    }
+                }
+                // The headers callback pauses while the flight holds.
+                Effect::Hold => {}
+                Effect::PassThrough { cloud } => pass = Some(cloud),
+                Effect::Resume { cloud } if site == Site::ResponseHeaders => pass = Some(cloud),
+                Effect::Resume { cloud } => self.resume(f, cloud),
+                Effect::Reply {
+                    cloud,
+                    kind,
+                    status,
+                } => {
+                    let body_size = match site {
+                        Site::Callout { body_size } => body_size,
+                        _ => 0,
+                    };
+                    self.reply_from_callout(f, cloud, kind, status, body_size);
+                }
+                Effect::ReplyError { status, body } => {
+                    let context_id = f.borrow().context_id;
+                    if hostcalls::set_effective_context(context_id).is_ok() {
+                        let _ = hostcalls::send_http_response(
+                            status,
+                            vec![("content-type", "application/json")],
+                            Some(&body),
+                        );
+                    }
+                }
             }
         }
+        let (done, context_id) = {
+            let fl = f.borrow();
+            (fl.flight.is_done(), fl.context_id)
+        };
+        if done {
+            self.flights.borrow_mut().remove(&context_id);
+        }
+        pass
     }
 
-    /// Sends the buffered request to `cloud` as a callout.
-    fn start_try(
-        &self,
-        f: &Rc<RefCell<Flight>>,
-        cloud: usize,
-        kind: TryKind,
-        timeout_ms: u64,
-        now: u64,
-    ) -> After {
-        let Some(c) = self.cfg.clouds.get(cloud) else {
-            return After::GaveUp(GiveUp::NoCloudLeft);
+    /// Sends the buffered request to `t.cloud` as a callout; false if the
+    /// host refused it.
+    fn start_try(&self, f: &Rc<RefCell<InFlight>>, t: Try) -> bool {
+        let Some(c) = self.cfg.clouds.get(t.cloud) else {
+            return false;
         };
+        let fl = f.borrow();
         let sent = {
-            let fl = f.borrow();
-            let pinned = pinned_path(&fl);
+            let pinned = fl
+                .header(":path")
+                .and_then(|path| flight::pinned_path(path, fl.header(headers::VERSION)));
             let mut hdrs: Vec<(&str, &str)> = Vec::with_capacity(fl.headers.len() + 2);
             for (name, value) in &fl.headers {
                 if NOT_FORWARDED.contains(&name.as_str()) {
@@ -466,38 +458,38 @@ impl Shared {
             }
             hdrs.push((":authority", &c.authority));
             hdrs.push((headers::CLOUD, &c.name));
-            let body = (!fl.body.is_empty()).then_some(fl.body.as_slice());
+            let body = fl.flight.body();
             hostcalls::dispatch_http_call(
                 &c.cluster,
                 hdrs,
-                body,
+                (!body.is_empty()).then_some(body),
                 vec![],
-                Duration::from_millis(timeout_ms),
+                Duration::from_millis(t.timeout_ms),
             )
         };
         match sent {
             Ok(token) => {
-                let context_id = f.borrow().context_id;
                 self.calls.borrow_mut().insert(
                     token,
                     Call::Try {
-                        context_id,
-                        cloud,
-                        kind,
-                        started_ms: now,
-                        timeout_ms,
+                        context_id: fl.context_id,
+                        try_: t,
                     },
                 );
-                self.metrics.try_(cloud, kind);
-                debug!("infermesh failover: {} to cloud {}", kind.as_str(), c.name);
-                After::Trying
+                self.metrics.try_(t.cloud, t.kind);
+                debug!(
+                    "infermesh failover: {} to cloud {}",
+                    t.kind.as_str(),
+                    c.name
+                );
+                true
             }
             Err(status) => {
                 warn!(
                     "infermesh failover: cannot call cloud {} (cluster {}): {status:?}",
                     c.name, c.cluster
                 );
-                self.fail(f, cloud, Failure::ConnectFailure, now)
+                false
             }
         }
     }
@@ -514,99 +506,72 @@ impl Shared {
         } else {
             None
         };
-        match call {
+        let (context_id, t) = match call {
             Call::Probe { cloud, seq } => {
                 self.on_probe_response(cloud, seq, status == Some(200), now);
+                return;
             }
-            Call::Try {
-                context_id,
-                cloud,
-                kind,
-                started_ms,
-                timeout_ms,
-            } => {
-                let flight = self.flights.borrow().get(&context_id).cloned();
-                match status {
-                    Some(s) if s < 500 => {
-                        self.live(cloud, true, now);
-                        self.record_latency(cloud, now.saturating_sub(started_ms));
-                        let Some(f) = flight else {
-                            return;
-                        };
-                        let wins = {
-                            let mut fl = f.borrow_mut();
-                            !fl.replied && fl.attempts.on_answer(cloud) == attempts::Answer::Use
-                        };
-                        if wins {
-                            self.reply_from_callout(&f, cloud, s, kind, body_size, now);
-                        }
-                    }
-                    _ => {
-                        let failure = match status {
-                            Some(_) => {
-                                // Envoy's own answers are short; 256 bytes
-                                // tell them from an upstream's 5xx.
-                                let head = hostcalls::get_buffer(
-                                    proxy_wasm::types::BufferType::HttpCallResponseBody,
-                                    0,
-                                    body_size.min(256),
-                                )
-                                .ok()
-                                .flatten()
-                                .unwrap_or_default();
-                                Failure::from_callout_body(&head)
-                            }
-                            None if now.saturating_sub(started_ms) + TICK_MS >= timeout_ms => {
-                                Failure::Timeout
-                            }
-                            None => Failure::Reset,
-                        };
-                        let Some(f) = flight else {
-                            self.metrics.failure(cloud, failure);
-                            self.live(cloud, false, now);
-                            return;
-                        };
-                        if f.borrow().replied {
-                            return;
-                        }
-                        if let After::GaveUp(reason) = self.fail(&f, cloud, failure, now) {
-                            self.finish_failed(&f, reason);
-                        }
-                    }
-                }
+            Call::Try { context_id, try_ } => (context_id, try_),
+        };
+        // Only a 5xx body is read: Envoy's own answers are short, and
+        // their start tells them from an upstream's 5xx.
+        let head = match status {
+            Some(s) if s >= 500 => hostcalls::get_buffer(
+                BufferType::HttpCallResponseBody,
+                0,
+                body_size.min(flight::ANSWER_HEAD_BYTES),
+            )
+            .ok()
+            .flatten()
+            .unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        let answer = match status {
+            Some(status) => Answer::Status {
+                status,
+                head: &head,
+            },
+            None => Answer::None,
+        };
+        let mut out = Out::default();
+        let found = self.flights.borrow().get(&context_id).cloned();
+        match found {
+            Some(f) => {
+                self.event(|env| {
+                    f.borrow_mut()
+                        .flight
+                        .on_callout(env, now, &t, answer, &mut out)
+                });
+                self.apply(&f, out, now, Site::Callout { body_size });
+            }
+            None => {
+                flight::orphan_answer(now, &t, answer, &mut out);
+                self.record(&out.signals, now);
             }
         }
     }
 
-    /// Answers the request with a callout's response.
+    /// Answers the request with the callout answer at hand.
     fn reply_from_callout(
         &self,
-        f: &Rc<RefCell<Flight>>,
+        f: &Rc<RefCell<InFlight>>,
         cloud: usize,
-        status: u32,
         kind: TryKind,
+        status: u32,
         body_size: usize,
-        now: u64,
     ) {
         let resp_headers =
             hostcalls::get_map_bytes(MapType::HttpCallResponseHeaders).unwrap_or_default();
-        let body = hostcalls::get_buffer(
-            proxy_wasm::types::BufferType::HttpCallResponseBody,
-            0,
-            body_size,
-        )
-        .ok()
-        .flatten()
-        .unwrap_or_default();
-        let (context_id, served_by, outcome, first) = {
-            let mut fl = f.borrow_mut();
-            fl.replied = true;
-            fl.held = false;
+        let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        let (context_id, served_by, first) = {
+            let fl = f.borrow();
             (
                 fl.context_id,
                 self.compose_served_by(&fl, cloud),
-                fl.attempts.outcome(),
-                fl.first,
+                fl.flight.first(),
             )
         };
         let mut out: Vec<(&str, &str)> = Vec::with_capacity(resp_headers.len() + 2);
@@ -626,13 +591,6 @@ impl Shared {
             _ => "replayed",
         };
         out.push((FAILOVER_HEADER, how));
-        self.metrics.request(cloud, outcome);
-        if kind == TryKind::Hedge {
-            // The slow cloud's time is at least this: without it the
-            // derived delay would only see fast answers and shrink.
-            let started = f.borrow().started_ms;
-            self.record_latency(first, now.saturating_sub(started));
-        }
         debug!(
             "infermesh failover: {how} to {} after {} failed or was slow",
             self.cloud_name(cloud),
@@ -641,136 +599,47 @@ impl Shared {
         if hostcalls::set_effective_context(context_id).is_ok() {
             let _ = hostcalls::send_http_response(status, out, Some(&body));
         }
-        self.flights.borrow_mut().remove(&context_id);
     }
 
-    /// No try succeeded: pass the held failure on, or answer with an error.
-    fn finish_failed(&self, f: &Rc<RefCell<Flight>>, reason: GiveUp) {
-        let (context_id, held, routed_live) = {
-            let fl = f.borrow();
-            (fl.context_id, fl.held, fl.routed_live)
-        };
-        if routed_live && !held {
-            // The routed try still runs; its answer decides.
-            return;
-        }
-        {
-            let mut fl = f.borrow_mut();
-            fl.replied = true;
-            fl.held = false;
-            self.metrics.request(fl.first, core::Outcome::Failed);
-        }
+    /// Lets a held failure of `cloud` go downstream (from a tick or a
+    /// callout answer).
+    fn resume(&self, f: &Rc<RefCell<InFlight>>, cloud: usize) {
+        let context_id = f.borrow().context_id;
         if hostcalls::set_effective_context(context_id).is_err() {
             return;
         }
-        if held {
-            if self.served_by_header {
-                let fl = f.borrow();
-                let value = self.compose_served_by(&fl, fl.first);
-                let _ = hostcalls::set_map_value(
-                    MapType::HttpResponseHeaders,
-                    headers::SERVED_BY,
-                    Some(&value),
-                );
-            }
-            let _ = hostcalls::resume_http_response();
-        } else {
-            let fl = f.borrow();
-            let (status, body) =
-                core::give_up_response(&self.cfg, fl.model.as_deref(), &fl.failures, reason);
-            let _ = hostcalls::send_http_response(
-                status,
-                vec![("content-type", "application/json")],
-                Some(&body),
+        if self.served_by_header {
+            let value = self.compose_served_by(&f.borrow(), cloud);
+            let _ = hostcalls::set_map_value(
+                MapType::HttpResponseHeaders,
+                headers::SERVED_BY,
+                Some(&value),
             );
         }
-        self.flights.borrow_mut().remove(&context_id);
+        let _ = hostcalls::resume_http_response();
     }
 
     /// `model/version@cloud` with what the stages ahead chose, else
     /// `@cloud`.
-    fn compose_served_by(&self, fl: &Flight, cloud: usize) -> String {
+    fn compose_served_by(&self, fl: &InFlight, cloud: usize) -> String {
         let at = self.served_by.get(cloud).map_or("@?", String::as_str);
         format!("{}{at}", fl.served_prefix.as_deref().unwrap_or_default())
     }
 
-    // ---- timers ---------------------------------------------------------
-
     fn tick_flights(&self, now: u64) {
-        let due: Vec<Rc<RefCell<Flight>>> = self
+        let due: Vec<Rc<RefCell<InFlight>>> = self
             .flights
             .borrow()
             .values()
-            .filter(|f| f.borrow().next_due_ms() <= now)
+            .filter(|f| f.borrow().flight.next_due_ms() <= now)
             .cloned()
             .collect();
         for f in due {
-            self.on_timer(&f, now);
+            let mut out = Out::default();
+            self.event(|env| f.borrow_mut().flight.on_tick(env, now, &mut out));
+            self.apply(&f, out, now, Site::Tick);
         }
     }
-
-    fn on_timer(&self, f: &Rc<RefCell<Flight>>, now: u64) {
-        let (deadline, routed_expired, hedge_due, first) = {
-            let fl = f.borrow();
-            (
-                now >= fl.deadline_ms,
-                fl.routed_live && now >= fl.routed_deadline_ms,
-                fl.hedge_at_ms.is_some_and(|at| now >= at),
-                fl.first,
-            )
-        };
-        if deadline {
-            self.metrics.give_up(GiveUp::Deadline);
-            {
-                let mut fl = f.borrow_mut();
-                fl.routed_live = false;
-                fl.hedge_at_ms = None;
-            }
-            self.finish_failed(f, GiveUp::Deadline);
-            return;
-        }
-        if routed_expired {
-            {
-                let mut fl = f.borrow_mut();
-                fl.routed_live = false;
-                fl.hedge_at_ms = None;
-            }
-            if let After::GaveUp(reason) = self.fail(f, first, Failure::Timeout, now) {
-                self.finish_failed(f, reason);
-            }
-            return;
-        }
-        if hedge_due {
-            let next = {
-                let mut fl = f.borrow_mut();
-                fl.hedge_at_ms = None;
-                fl.attempts.on_hedge_due(&self.cfg, now, self.healthy.get())
-            };
-            match next {
-                Next::ReplayTo { .. } => {
-                    // Being slower than the delay is not counted as a
-                    // failure: when the proxy itself stalls, every cloud
-                    // is late, and ejecting them one after another would
-                    // cascade. A hung cloud goes out by its try timeout
-                    // and its probes; until then hedges hide it.
-                    self.act(f, next, TryKind::Hedge, now);
-                }
-                // A hedge that cannot go out is not a request giving up.
-                Next::GiveUp(_) | Next::Wait => {}
-            }
-        }
-    }
-}
-
-/// The request's OIP path with the version canary or model-router chose
-/// (`x-infermesh-version`) written into it, so a replay or hedge reaches
-/// that version on a cloud whose routing does not look at the header;
-/// `None` to send the path unchanged.
-fn pinned_path(fl: &Flight) -> Option<String> {
-    let version = std::str::from_utf8(fl.header(headers::VERSION)?).ok()?;
-    let path = fl.header(":path")?;
-    let parsed = oip::parse_path(path)?;
-    oip::with_version(path, &parsed, version)
 }
 
 /// `:status` of a header list.
@@ -785,9 +654,13 @@ fn status_of(h: &[(String, Bytes)]) -> Option<u32> {
 /// effective again after every root callback.
 pub fn configure(
     root_id: u32,
-    cfg: FailoverConfig,
+    mut cfg: FailoverConfig,
     served_by_header: bool,
 ) -> Result<Rc<Shared>, Status> {
+    // In the module, client copies of x-infermesh-* were stripped before
+    // the stages ran unless every stage trusts them: what the stage sees in
+    // the header copy (model-router's model) is trusted.
+    cfg.trust_downstream_headers = true;
     let metrics = Metrics::define(&cfg)?;
     let n = cfg.clouds.len();
     let keys = cfg
@@ -862,9 +735,7 @@ impl Shared {
 pub struct Stage {
     context_id: u32,
     shared: Rc<Shared>,
-    flight: Option<Rc<RefCell<Flight>>>,
-    /// The body was over `max_body_bytes`: say so on the response.
-    not_buffered: bool,
+    flight: Option<Rc<RefCell<InFlight>>>,
 }
 
 impl Drop for Stage {
@@ -884,7 +755,6 @@ impl Stage {
             context_id,
             shared,
             flight: None,
-            not_buffered: false,
         }
     }
 
@@ -908,83 +778,41 @@ impl Stage {
     ) -> Action {
         let shared = self.shared.clone();
         let cfg = &shared.cfg;
-        let residency = cfg.residency.header.as_deref().and_then(|h| hdrs.get(h));
-        let scope = core::scope(cfg, residency);
-        let path = hdrs.get(":path").unwrap_or_default();
-        // Client copies were stripped unless every stage trusts them; what
-        // remains is model-router's decision or a trusted header.
-        let model_header = hdrs.get(headers::MODEL);
-
-        let Some(first) = core::pick(cfg, scope.allowed, shared.healthy.get(), CloudSet::EMPTY)
-        else {
-            let reason = NoCloud::of(&scope);
-            shared.metrics.no_cloud(reason);
-            let model = oip::parse_path(path).map(|p| p.model).or_else(|| {
-                model_header
-                    .and_then(|m| std::str::from_utf8(m).ok())
-                    .map(str::to_owned)
-            });
-            let body = core::no_cloud_body(cfg, model.as_deref(), &scope, residency);
-            debug!("infermesh failover: no cloud: {}", reason.as_str());
-            filter_shim::send_json_error(ctx, core::NO_CLOUD_STATUS, &body);
-            return Action::Pause;
+        let mut out = Out::default();
+        let start = {
+            let req = Request::from_headers(cfg, |name| hdrs.get(name), end_of_stream);
+            shared.event(|env| Flight::start(env, &req, now, &mut out))
         };
+        let flight = match start {
+            Start::Routed(flight) => flight,
+            Start::NoCloud {
+                reason,
+                status,
+                body,
+            } => {
+                shared.metrics.no_cloud(reason);
+                debug!("infermesh failover: no cloud: {}", reason.as_str());
+                filter_shim::send_json_error(ctx, status, &body);
+                return Action::Pause;
+            }
+        };
+        let first = flight.first();
         let Some(cloud) = cfg.clouds.get(first) else {
             return Action::Continue;
         };
-
-        let class = attempts::classify(
-            cfg,
-            hdrs.get(":method").unwrap_or_default(),
-            path,
-            model_header,
-        );
-        let content_length = hdrs
-            .get("content-length")
-            .and_then(|v| std::str::from_utf8(v).ok())
-            .and_then(|v| v.trim().parse::<usize>().ok());
         hdrs.set(ctx, headers::CLOUD, &cloud.name);
-        let mut attempts = Attempts::start(now, first, scope.allowed, &class);
-        let body_state = if end_of_stream {
-            Body::Complete(0)
-        } else if content_length.is_some_and(|n| !attempts::may_buffer(cfg, n)) {
-            shared.metrics.not_buffered();
-            self.not_buffered = true;
-            Body::TooLarge
-        } else {
-            Body::Incomplete
-        };
-        attempts.set_body(body_state);
-        let flight = Rc::new(RefCell::new(Flight {
+        shared.record(&out.signals, now);
+        let f = Rc::new(RefCell::new(InFlight {
             context_id: self.context_id,
-            attempts,
-            first,
-            started_ms: now,
-            model: class.model,
-            served_prefix: served_prefix.map(str::to_owned),
+            flight,
             headers: hdrs.into_list(),
-            body: Vec::new(),
-            body_state,
-            request_complete: false,
-            hedge_policy: class.hedge,
-            routed_live: true,
-            // Set when the request is complete (below, or when its body or
-            // trailers end).
-            routed_deadline_ms: u64::MAX,
-            deadline_ms: u64::MAX,
-            hedge_at_ms: None,
-            held: false,
-            replied: false,
-            failures: Vec::new(),
+            served_prefix: served_prefix.map(str::to_owned),
         }));
-        if end_of_stream {
-            shared.request_complete(&mut flight.borrow_mut(), now);
-        }
         shared
             .flights
             .borrow_mut()
-            .insert(self.context_id, flight.clone());
-        self.flight = Some(flight);
+            .insert(self.context_id, f.clone());
+        self.flight = Some(f);
         shared.metrics.try_(first, TryKind::First);
         Action::Continue
     }
@@ -1000,49 +828,27 @@ impl Stage {
         let Some(f) = self.flight.clone() else {
             return;
         };
-        let shared = &self.shared;
-        let mut fl = f.borrow_mut();
-        if fl.replied {
-            return;
-        }
-        if fl.body_state == Body::Incomplete {
-            if attempts::may_buffer(&shared.cfg, fl.body.len().saturating_add(body_size)) {
-                if body_size > 0 {
-                    if let Some(chunk) = ctx.get_http_request_body(0, body_size) {
-                        fl.body.extend_from_slice(&chunk);
-                    }
-                }
-                if end_of_stream {
-                    let state = Body::Complete(fl.body.len());
-                    fl.body_state = state;
-                    fl.attempts.set_body(state);
-                }
-            } else {
-                fl.body = Vec::new();
-                fl.body_state = Body::TooLarge;
-                fl.attempts.set_body(Body::TooLarge);
-                shared.metrics.not_buffered();
-                self.not_buffered = true;
-            }
-        }
-        if end_of_stream && !fl.request_complete {
-            shared.request_complete(&mut fl, now());
-        }
+        let now = now();
+        let mut out = Out::default();
+        self.shared.event(|env| {
+            f.borrow_mut().flight.on_request_body(
+                env,
+                now,
+                body_size,
+                end_of_stream,
+                || ctx.get_http_request_body(0, body_size),
+                &mut out,
+            )
+        });
+        self.shared.record(&out.signals, now);
     }
 
     /// Request trailers: the request is complete.
     pub fn on_request_trailers(&mut self, now: impl FnOnce() -> u64) {
-        let Some(f) = self.flight.clone() else {
-            return;
-        };
-        let mut fl = f.borrow_mut();
-        if fl.body_state == Body::Incomplete {
-            let state = Body::Complete(fl.body.len());
-            fl.body_state = state;
-            fl.attempts.set_body(state);
-        }
-        if !fl.request_complete {
-            self.shared.request_complete(&mut fl, now());
+        if let Some(f) = self.flight.clone() {
+            let now = now();
+            self.shared
+                .event(|env| f.borrow_mut().flight.on_request_trailers(env, now));
         }
     }
 
@@ -1054,12 +860,20 @@ impl Stage {
     pub fn holding(&self) -> bool {
         self.flight
             .as_ref()
-            .is_some_and(|f| matches!(f.try_borrow(), Ok(fl) if fl.held && !fl.replied))
+            .is_some_and(|f| matches!(f.try_borrow(), Ok(fl) if fl.flight.holding()))
+    }
+
+    /// The stage answered the request itself (a replay, a hedge or an
+    /// error): the reply's headers are set.
+    pub fn replied(&self) -> bool {
+        self.flight
+            .as_ref()
+            .is_some_and(|f| matches!(f.try_borrow(), Ok(fl) if fl.flight.is_done()))
     }
 
     /// The routed try's response headers. `Pause` holds a failure while a
     /// replay runs. On a response that passes through, returns the cloud
-    /// that served it in `served_at` (`@cloud`).
+    /// that served it in `served_at`.
     pub fn on_response_headers(
         &mut self,
         ctx: &dyn HttpContext,
@@ -1070,11 +884,6 @@ impl Stage {
             return Action::Continue;
         };
         let shared = self.shared.clone();
-        if f.borrow().replied {
-            // The filter's own reply (a hedge or replay answer, or an
-            // error): its headers were set when it was sent.
-            return Action::Continue;
-        }
         let status = ctx
             .get_http_response_header_bytes(":status")
             .and_then(|v| {
@@ -1083,73 +892,31 @@ impl Stage {
                     .and_then(|s| s.parse::<u16>().ok())
             })
             .unwrap_or(0);
-        let (first, was_live, started) = {
-            let mut fl = f.borrow_mut();
-            let was_live = fl.routed_live;
-            fl.routed_live = false;
-            fl.hedge_at_ms = None;
-            (fl.first, was_live, fl.started_ms)
-        };
-
-        if Failure::from_status(status).is_some() {
-            let details = hostcalls::get_property(vec!["response", "code_details"])
+        let details = || {
+            hostcalls::get_property(vec!["response", "code_details"])
                 .ok()
                 .flatten()
-                .unwrap_or_default();
-            let failure = Failure::from_details(&details);
-            f.borrow_mut().held = true;
-            let after = if was_live {
-                shared.fail(&f, first, failure, now)
-            } else {
-                // Abandoned after its try timeout; a replay is running.
-                After::Trying
-            };
-            if after == After::Trying {
-                return Action::Pause;
-            }
-            {
-                let mut fl = f.borrow_mut();
-                fl.replied = true;
-                fl.held = false;
-            }
-            shared.metrics.request(first, core::Outcome::Failed);
-            shared.flights.borrow_mut().remove(&self.context_id);
-            self.finish_response(ctx, first, served_at);
-            return Action::Continue;
+                .unwrap_or_default()
+        };
+        let mut out = Out::default();
+        shared.event(|env| {
+            f.borrow_mut()
+                .flight
+                .on_response_headers(env, now, status, details, &mut out)
+        });
+        // No effect: the filter's own reply (a hedge or replay answer, or
+        // an error), whose headers were set when it was sent.
+        let pass = shared.apply(&f, out, now, Site::ResponseHeaders);
+        if self.holding() {
+            return Action::Pause;
         }
-
-        let answer = f.borrow_mut().attempts.on_answer(first);
-        if answer == attempts::Answer::Use {
-            // A late answer after the try timeout was already counted as a
-            // failure; it is used, not counted again.
-            if was_live {
-                shared.live(first, true, now);
-                shared.record_latency(first, now.saturating_sub(started));
+        if let Some(cloud) = pass {
+            *served_at = Some(cloud);
+            if f.borrow().flight.not_buffered() {
+                ctx.set_http_response_header(REPLAY_HEADER, Some("off; body over max_body_bytes"));
             }
-            let outcome = f.borrow().attempts.outcome();
-            shared.metrics.request(first, outcome);
         }
-        f.borrow_mut().replied = true;
-        shared.flights.borrow_mut().remove(&self.context_id);
-        self.finish_response(ctx, first, served_at);
         Action::Continue
-    }
-
-    /// A response that passes through: which cloud served it, and whether
-    /// it could have been replayed.
-    fn finish_response(&self, ctx: &dyn HttpContext, cloud: usize, served_at: &mut Option<usize>) {
-        *served_at = Some(cloud);
-        if self.not_buffered {
-            ctx.set_http_response_header(REPLAY_HEADER, Some("off; body over max_body_bytes"));
-        }
-    }
-
-    /// The stage answered the request itself (a replay, a hedge or an
-    /// error): the reply's headers are set.
-    pub fn replied(&self) -> bool {
-        self.flight
-            .as_ref()
-            .is_some_and(|f| matches!(f.try_borrow(), Ok(fl) if fl.replied))
     }
 
     /// `@cloud` of a cloud index.

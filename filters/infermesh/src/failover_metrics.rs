@@ -7,35 +7,13 @@
 
 use filter_core::config::failover::FailoverConfig;
 use filter_core::failover::attempts::GiveUp;
+pub use filter_core::failover::flight::TryKind;
 use filter_core::failover::health::{Cause, State};
 use filter_core::failover::{Failure, NoCloud, Outcome};
 use filter_core::stats::failover::*;
 use filter_core::stats::tagged;
 use filter_shim::{bump, counter, gauge, set};
 use proxy_wasm::types::Status;
-
-/// How a try was started; the `decision` tag of [`TRIES`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TryKind {
-    /// The request as routed by Envoy to the picked cloud.
-    First,
-    /// A callout after a failed try.
-    Replay,
-    /// A callout racing a slow try.
-    Hedge,
-}
-
-impl TryKind {
-    const ALL: [TryKind; 3] = [TryKind::First, TryKind::Replay, TryKind::Hedge];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TryKind::First => "first",
-            TryKind::Replay => "replay",
-            TryKind::Hedge => "hedge",
-        }
-    }
-}
 
 /// Outcomes counted per cloud (`NoCloud` has its own counter).
 const PER_CLOUD_OUTCOMES: [Outcome; 4] = [
