@@ -105,26 +105,7 @@ fn set_header(req: &mut ExplainRequest, name: &str, value: Vec<u8>) {
 /// The headers the router stage writes, or `None` when it answers the
 /// request itself.
 fn router_outcome(cfg: &RouterConfig, req: &ExplainRequest) -> Option<Vec<(String, Vec<u8>)>> {
-    let header = |name: &Option<String>| name.as_deref().and_then(|h| req.header(h));
-    let (hm, hv) = (header(&cfg.model_header), header(&cfg.version_header));
-    let path = req.path.as_bytes();
-    let body = match (&req.body, &cfg.body) {
-        (Some(b), Some(src)) if router::needs_body(cfg, path, hm.as_deref(), hv.is_some()) => {
-            if b.len() > src.max_bytes {
-                router::Body::TooLarge
-            } else {
-                router::Body::Complete(b)
-            }
-        }
-        _ => router::Body::None,
-    };
-    let r = router::Request {
-        path,
-        header_model: hm.as_deref(),
-        header_version: hv.as_deref(),
-        body,
-    };
-    match router::decide(cfg, &r).0 {
+    match router_decide(cfg, req, None).0 {
         router::Decision::Route {
             model,
             version,
@@ -334,32 +315,37 @@ pub fn canary(cfg: &CanaryConfig, req: &ExplainRequest) -> String {
     out
 }
 
-/// Explains the model-router's decision, as text.
-pub fn router(cfg: &RouterConfig, req: &ExplainRequest) -> String {
-    let mut out = String::new();
+/// The router's decision for `req`, as the filter takes it; notes on the
+/// body go to `notes` when given.
+fn router_decide(
+    cfg: &RouterConfig,
+    req: &ExplainRequest,
+    mut notes: Option<&mut String>,
+) -> (router::Decision, Option<router::BodyFallback>) {
+    let mut note = |text: String| {
+        if let Some(out) = notes.as_deref_mut() {
+            let _ = writeln!(out, "body:      {text}");
+        }
+    };
     let header = |name: &Option<String>| name.as_deref().and_then(|h| req.header(h));
     let (hm, hv) = (header(&cfg.model_header), header(&cfg.version_header));
     let path = req.path.as_bytes();
     let body = match (&req.body, &cfg.body) {
         (Some(b), Some(src)) if router::needs_body(cfg, path, hm.as_deref(), hv.is_some()) => {
             if b.len() > src.max_bytes {
-                let _ = writeln!(
-                    out,
-                    "body:      {} bytes, over max_bytes {}: not read",
+                note(format!(
+                    "{} bytes, over max_bytes {}: not read",
                     b.len(),
                     src.max_bytes
-                );
+                ));
                 router::Body::TooLarge
             } else {
-                let _ = writeln!(out, "body:      {} bytes, read for routing", b.len());
+                note(format!("{} bytes, read for routing", b.len()));
                 router::Body::Complete(b)
             }
         }
         (Some(_), Some(_)) => {
-            let _ = writeln!(
-                out,
-                "body:      not needed: the path and headers name model and version"
-            );
+            note("not needed: the path and headers decide".to_owned());
             router::Body::None
         }
         _ => router::Body::None,
@@ -370,7 +356,13 @@ pub fn router(cfg: &RouterConfig, req: &ExplainRequest) -> String {
         header_version: hv.as_deref(),
         body,
     };
-    let (decision, body_fallback) = router::decide(cfg, &r);
+    router::decide(cfg, &r)
+}
+
+/// Explains the model-router's decision, as text.
+pub fn router(cfg: &RouterConfig, req: &ExplainRequest) -> String {
+    let mut out = String::new();
+    let (decision, body_fallback) = router_decide(cfg, req, Some(&mut out));
     if let Some(f) = body_fallback {
         let _ = writeln!(
             out,

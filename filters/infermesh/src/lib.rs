@@ -458,11 +458,8 @@ impl HttpContext for Stream {
                 // the body is coming.
                 return Action::Pause;
             };
-            if let Some(action) = inner.routed(step) {
+            if let Some(action) = inner.decided_late(&stages, hdrs, step) {
                 return action;
-            }
-            if inner.after_router(&stages, hdrs, false) == Action::Pause {
-                return Action::Pause;
             }
             // The whole buffered body so far is this stream's body for
             // failover's copy.
@@ -488,11 +485,8 @@ impl HttpContext for Stream {
         if let (Some(router), Some(mut hdrs)) = (&stages.router, inner.hdrs.take()) {
             stages.waits.body_seen(self.context_id);
             let step = router.on_trailers(&Host, &mut hdrs);
-            if let Some(action) = inner.routed(step) {
+            if let Some(action) = inner.decided_late(&stages, hdrs, step) {
                 return action;
-            }
-            if inner.after_router(&stages, hdrs, false) == Action::Pause {
-                return Action::Pause;
             }
             if let Some(f) = inner.failover.as_mut() {
                 // What was buffered is the whole body.
@@ -588,16 +582,29 @@ impl Inner {
         }
     }
 
+    /// The router decided after the headers callback (on the body, the
+    /// trailers, or a wait that ran out): the other stages run now.
+    /// `Some` ends the callback.
+    fn decided_late(
+        &mut self,
+        stages: &Stages,
+        hdrs: RequestHeaders,
+        step: router::Step,
+    ) -> Option<Action> {
+        if let Some(action) = self.routed(step) {
+            return Some(action);
+        }
+        (self.after_router(stages, hdrs, false) == Action::Pause).then_some(Action::Pause)
+    }
+
     /// The wait for the body ran out: route without it.
     fn body_not_delivered(&mut self, stages: &Stages) -> Action {
         let (Some(router), Some(mut hdrs)) = (&stages.router, self.hdrs.take()) else {
             return Action::Continue;
         };
         let step = router.not_delivered(&Host, &mut hdrs);
-        if let Some(action) = self.routed(step) {
-            return action;
-        }
-        self.after_router(stages, hdrs, false)
+        self.decided_late(stages, hdrs, step)
+            .unwrap_or(Action::Continue)
     }
 
     /// Canary and failover, once model-router has decided.
