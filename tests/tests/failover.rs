@@ -81,14 +81,17 @@ impl Rig {
     async fn start_with(config: serde_json::Value, allow_stop: bool) -> Rig {
         filter_core::config::failover::parse(config.to_string().as_bytes())
             .expect("the test's failover config");
+        Rig::start_module(json!({ "failover": config }), allow_stop).await
+    }
+
+    /// The module with the config `module` (sections and all).
+    async fn start_module(module: serde_json::Value, allow_stop: bool) -> Rig {
+        filter_core::config::module::parse(module.to_string().as_bytes())
+            .expect("the test's module config");
         let (clouds, b) = clouds(Bootstrap::new()).await;
         let b = b.default_route("cloud-aws").wasm(
-            WasmFilter::new(
-                "infermesh",
-                &e2e::wasm::module(),
-                json!({ "failover": config }).to_string(),
-            )
-            .allow_on_headers_stop_iteration(allow_stop),
+            WasmFilter::new("infermesh", &e2e::wasm::module(), module.to_string())
+                .allow_on_headers_stop_iteration(allow_stop),
         );
         let envoy = Envoy::start(&b).await;
         Rig { envoy, clouds }
@@ -243,6 +246,58 @@ async fn picks_by_priority_and_says_who_served() {
         Some(1.0)
     );
     assert_vm_healthy(&resps, &rig.envoy.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_wait_that_runs_out_still_fails_over_with_the_body() {
+    // Router with body routing and failover, loaded without
+    // allow_on_headers_stop_iteration (as a WasmPlugin would be): the
+    // router's wait for the body runs out on the root's tick, the stages
+    // decide from there, and the request resumes. Failover must still have
+    // the whole body for a replay when the first cloud fails.
+    let _bin = require_envoy!("a_body_wait_that_runs_out_still_fails_over_with_the_body");
+    // aws stays in the pick (no probe round during the test, no ejection
+    // by four failures), so each request is routed there, fails, and is
+    // replayed.
+    let mut failover = config();
+    failover["health"]["probe"]["interval_ms"] = json!(60_000);
+    failover["health"]["passive"]["consecutive_failures"] = json!(10);
+    let module = json!({
+        "router": {
+            "models": [{"name": "digits-mlp", "versions": ["1", "2"]}],
+            "body": {"version_pointer": "/parameters/model_version", "max_wait_ms": 100}
+        },
+        "failover": failover,
+    });
+    let rig = Rig::start_module(module, false).await;
+    rig.cloud("aws").set_mode(Mode::Status(500));
+    for i in 0..4 {
+        let r = tokio::time::timeout(Duration::from_secs(5), rig.send(infer(Some("eu"))))
+            .await
+            .expect("a request hung");
+        assert_eq!(r.status, 200, "request {i}: {}", r.text());
+        assert_eq!(answered_by(&r), "gcp", "request {i}");
+        assert_eq!(
+            r.header("x-infermesh-failover").as_deref(),
+            Some("replayed"),
+            "request {i}"
+        );
+    }
+    let seen = rig.cloud("gcp").seen();
+    let replays: Vec<_> = seen.iter().filter(|s| s.path == INFER).collect();
+    assert_eq!(replays.len(), 4);
+    for got in replays {
+        assert_eq!(
+            got.body_digest,
+            digest(&infer_body()),
+            "the replay lost the body"
+        );
+        assert_eq!(
+            got.header("x-infermesh-model").as_deref(),
+            Some("digits-mlp")
+        );
+    }
+    assert_vm_healthy(&[], &rig.envoy.log());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
