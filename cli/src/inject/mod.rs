@@ -200,13 +200,13 @@ pub fn inject(
         .cloned();
     let notes = object_at(meta, "annotations");
     notes.insert(STATUS.into(), Value::String(sidecar.status()));
-    if sidecar.mode == Mode::Container {
+    if sidecar.o.mode == Mode::Container {
         if let Some(name) = first_app {
             notes.entry(DEFAULT_CONTAINER).or_insert(name);
         }
     }
     let spec = object_at(tpl, "spec");
-    let list = match sidecar.mode {
+    let list = match sidecar.o.mode {
         Mode::Native => "initContainers",
         Mode::Container => "containers",
     };
@@ -239,11 +239,11 @@ fn check_pod(
             }
             let ports = c.get("ports").and_then(Value::as_array);
             let taken = ports.into_iter().flatten().any(|p| {
-                p.get("containerPort").and_then(Value::as_u64) == Some(u64::from(sidecar.port))
+                p.get("containerPort").and_then(Value::as_u64) == Some(u64::from(sidecar.o.port))
             });
             if taken {
                 return Err(InjectError::PortTaken {
-                    port: sidecar.port,
+                    port: sidecar.o.port,
                     container: name.to_owned(),
                 });
             }
@@ -253,9 +253,9 @@ fn check_pod(
     let found = volumes
         .into_iter()
         .flatten()
-        .any(|v| v.get("name").and_then(Value::as_str) == Some(sidecar.model_volume.as_str()));
+        .any(|v| v.get("name").and_then(Value::as_str) == Some(sidecar.o.model_volume.as_str()));
     if !found {
-        return Err(InjectError::NoModelVolume(sidecar.model_volume.clone()));
+        return Err(InjectError::NoModelVolume(sidecar.o.model_volume.clone()));
     }
     Ok(())
 }

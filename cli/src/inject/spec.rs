@@ -119,12 +119,7 @@ impl Default for Options {
 /// The sidecar for one pod: defaults with the pod's overrides applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Sidecar {
-    pub image: String,
-    pub mode: Mode,
-    pub port: u16,
-    pub model_volume: String,
-    pub resources: Resources,
-    pub startup_timeout_s: u64,
+    pub o: Options,
     pub extra_args: Vec<String>,
     pub version: Option<String>,
 }
@@ -174,12 +169,7 @@ impl Sidecar {
     pub fn resolve(opts: &Options, notes: &BTreeMap<String, String>) -> Result<Self, InjectError> {
         let get = |k: &str| notes.get(k).map(String::as_str);
         let mut s = Sidecar {
-            image: opts.image.clone(),
-            mode: opts.mode,
-            port: opts.port,
-            model_volume: opts.model_volume.clone(),
-            resources: opts.resources.clone(),
-            startup_timeout_s: opts.startup_timeout_s,
+            o: opts.clone(),
             extra_args: Vec::new(),
             version: None,
         };
@@ -187,23 +177,23 @@ impl Sidecar {
             if v.is_empty() || v.len() > 512 || v.chars().any(|c| c.is_whitespace()) {
                 return Err(bad(IMAGE, v, "is not an image reference"));
             }
-            s.image = v.to_owned();
+            s.o.image = v.to_owned();
         }
         if let Some(v) = get(MODE) {
-            s.mode = Mode::parse(v).ok_or_else(|| bad(MODE, v, "is not native or container"))?;
+            s.o.mode = Mode::parse(v).ok_or_else(|| bad(MODE, v, "is not native or container"))?;
         }
         if let Some(v) = get(PORT) {
-            s.port = v
+            s.o.port = v
                 .parse()
                 .ok()
                 .filter(|p| *p >= 1)
                 .ok_or_else(|| bad(PORT, v, "is not a port number"))?;
         }
-        if ISTIO_PORTS.contains(&s.port) {
+        if ISTIO_PORTS.contains(&s.o.port) {
             let key = if get(PORT).is_some() { PORT } else { "--port" };
             return Err(bad(
                 key,
-                &s.port.to_string(),
+                &s.o.port.to_string(),
                 "is a port Istio's sidecar uses",
             ));
         }
@@ -211,7 +201,7 @@ impl Sidecar {
             if v.is_empty() || v.len() > 63 {
                 return Err(bad(MODEL_VOLUME, v, "is not a volume name"));
             }
-            s.model_volume = v.to_owned();
+            s.o.model_volume = v.to_owned();
         }
         let quantity = |key: &'static str, slot: &mut String| -> Result<(), InjectError> {
             if let Some(v) = get(key) {
@@ -222,18 +212,18 @@ impl Sidecar {
             }
             Ok(())
         };
-        quantity(CPU, &mut s.resources.cpu)?;
-        quantity(MEMORY, &mut s.resources.memory)?;
+        quantity(CPU, &mut s.o.resources.cpu)?;
+        quantity(MEMORY, &mut s.o.resources.memory)?;
         for (key, slot) in [
-            (CPU_LIMIT, &mut s.resources.cpu_limit),
-            (MEMORY_LIMIT, &mut s.resources.memory_limit),
+            (CPU_LIMIT, &mut s.o.resources.cpu_limit),
+            (MEMORY_LIMIT, &mut s.o.resources.memory_limit),
         ] {
             let mut v = slot.clone().unwrap_or_default();
             quantity(key, &mut v)?;
             *slot = (!v.is_empty()).then_some(v);
         }
         if let Some(v) = get(STARTUP_SECONDS) {
-            s.startup_timeout_s = v
+            s.o.startup_timeout_s = v
                 .parse()
                 .ok()
                 .filter(|n| (STARTUP_PERIOD_S..=86_400).contains(n))
@@ -278,7 +268,7 @@ impl Sidecar {
             "--model-repository".to_owned(),
             MODEL_MOUNT.to_owned(),
             "--listen".to_owned(),
-            format!("0.0.0.0:{}", self.port),
+            format!("0.0.0.0:{}", self.o.port),
         ];
         args.extend(self.extra_args.iter().cloned());
         args
@@ -288,37 +278,37 @@ impl Sidecar {
     pub fn container(&self) -> Value {
         let probe = |path: &str, period: u64, failures: u64| {
             json!({
-                "httpGet": {"path": path, "port": self.port},
+                "httpGet": {"path": path, "port": self.o.port},
                 "periodSeconds": period,
                 "timeoutSeconds": 1,
                 "failureThreshold": failures,
             })
         };
         let mut limits = serde_json::Map::new();
-        if let Some(c) = &self.resources.cpu_limit {
+        if let Some(c) = &self.o.resources.cpu_limit {
             limits.insert("cpu".into(), json!(c));
         }
-        if let Some(m) = &self.resources.memory_limit {
+        if let Some(m) = &self.o.resources.memory_limit {
             limits.insert("memory".into(), json!(m));
         }
         let mut resources = json!({
-            "requests": {"cpu": self.resources.cpu, "memory": self.resources.memory},
+            "requests": {"cpu": self.o.resources.cpu, "memory": self.o.resources.memory},
         });
         if !limits.is_empty() {
             resources["limits"] = limits.into();
         }
         let mut c = json!({
             "name": CONTAINER,
-            "image": self.image,
+            "image": self.o.image,
             "args": self.args(),
             "env": [{"name": "INFERMESH_LOG_FORMAT", "value": "json"}],
-            "ports": [{"name": "http-infermesh", "containerPort": self.port, "protocol": "TCP"}],
+            "ports": [{"name": "http-infermesh", "containerPort": self.o.port, "protocol": "TCP"}],
             // Until the models are loaded; for a native sidecar the app
             // containers only start once this passes.
             "startupProbe": probe(
                 "/v2/health/ready",
                 STARTUP_PERIOD_S,
-                self.startup_timeout_s.div_ceil(STARTUP_PERIOD_S),
+                self.o.startup_timeout_s.div_ceil(STARTUP_PERIOD_S),
             ),
             "readinessProbe": probe("/v2/health/ready", 5, 3),
             "livenessProbe": probe("/v2/health/live", 10, 3),
@@ -332,9 +322,9 @@ impl Sidecar {
                 "capabilities": {"drop": ["ALL"]},
                 "seccompProfile": {"type": "RuntimeDefault"},
             },
-            "volumeMounts": [{"name": self.model_volume, "mountPath": MODEL_MOUNT, "readOnly": true}],
+            "volumeMounts": [{"name": self.o.model_volume, "mountPath": MODEL_MOUNT, "readOnly": true}],
         });
-        if self.mode == Mode::Native {
+        if self.o.mode == Mode::Native {
             c["restartPolicy"] = json!("Always");
         }
         c
@@ -344,9 +334,9 @@ impl Sidecar {
     pub fn status(&self) -> String {
         json!({
             "container": CONTAINER,
-            "image": self.image,
-            "mode": self.mode.name(),
-            "port": self.port,
+            "image": self.o.image,
+            "mode": self.o.mode.name(),
+            "port": self.o.port,
             "injector": env!("CARGO_PKG_VERSION"),
         })
         .to_string()
