@@ -9,6 +9,9 @@
 #   client   tritonclient[http] and friends: sidecar client tests
 #   bench    FastAPI + uvicorn + onnxruntime baselines for bench/
 #   wasm     the rustup wasm32-wasip1 target
+#   inject   jsonpatch and pytest: the injector's webhook tests
+#   image    the rustup x86_64-unknown-linux-musl target, and runc and umoci
+#            (Debian packages): build and run the sidecar's container image
 # Each group is pinned in python/requirements-GROUP.txt. Prints what it has.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -56,6 +59,18 @@ for g in "${groups[@]}"; do
         rustup target add wasm32-wasip1
       fi
       echo "rust target: wasm32-wasip1"
+      ;;
+    image)
+      if ! rustup target list --installed | grep -qx x86_64-unknown-linux-musl; then
+        rustup target add x86_64-unknown-linux-musl
+      fi
+      missing=()
+      for tool in runc umoci; do command -v "$tool" >/dev/null 2>&1 || missing+=("$tool"); done
+      if [ ${#missing[@]} -gt 0 ]; then
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}") >&2 \
+          || { echo "tools.sh: cannot install ${missing[*]} (apt, as root)" >&2; exit 1; }
+      fi
+      echo "rust target: x86_64-unknown-linux-musl; $(runc --version | head -1); umoci $(umoci --version | awk '{print $3}')"
       ;;
     *) install_group "$g" ;;
   esac
