@@ -262,6 +262,15 @@ async fn hostile_requests_get_their_answer_and_the_server_survives() {
         good_request_still_works(&tls, addr, name).await;
     }
 
+    // Over the cap without a Content-Length: cut while reading.
+    let head = "POST /inject HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
+    let mut chunked = format!("{:x}\r\n", 5 << 20).into_bytes();
+    chunked.extend(vec![b' '; 5 << 20]);
+    chunked.extend(b"\r\n0\r\n\r\n");
+    let r = exchange(&tls, addr, head, &chunked).await.unwrap();
+    assert_eq!(r.status, 413, "{}", String::from_utf8_lossy(&r.body));
+    good_request_still_works(&tls, addr, "chunked 5 MiB").await;
+
     // GET on the review path, and a health check.
     let head = "GET /inject HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
     assert_eq!(exchange(&tls, addr, head, b"").await.unwrap().status, 405);
