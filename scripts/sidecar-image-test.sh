@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Checks the sidecar's container image end to end:
 #   1. builds it twice (scripts/sidecar-image.sh) and requires the same
-#      manifest digest and identical layouts (reproducible);
+#      manifest digest and identical layouts (the assembly is
+#      deterministic; cargo reuses the binary the first build made);
 #   2. unpacks it with umoci into an OCI runtime bundle, whose process
 #      (entrypoint, environment, user, working directory) umoci takes from
 #      the image config unchanged; adds only a read-only bind mount of
