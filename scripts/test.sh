@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test of the project: unit and property tests, the e2e suite in
 # a real Envoy (V8) against the shipped (wasm-opt'd) filter modules, the
-# sidecar's tests, the tritonclient tests and the manifest validation.
+# sidecar's tests, the tritonclient tests, the manifest validation, the
+# injector's webhook checked with jsonpatch + validate.py, and the sidecar's
+# container image (built, rebuilt for the same digest, run).
 # Installs what it needs on first use (scripts/tools.sh).
 #
 #   scripts/test.sh            everything
@@ -14,6 +16,7 @@ quick=0
 
 scripts/tools.sh wasm envoy manifests
 [ -f python/requirements-client.txt ] && scripts/tools.sh client
+[ "$quick" = 1 ] || scripts/tools.sh inject image
 
 # Test the modules exactly as they ship.
 ./wasm-build.sh >/dev/null
@@ -28,7 +31,7 @@ cargo test --workspace --locked --no-fail-fast
 echo "== manifests (shared/schemas/validate.py)"
 schemas="$root/../shared/schemas"
 if [ -f "$schemas/validate.py" ]; then
-  .tools/venv/bin/python "$schemas/validate.py" istio/ dist/istio/
+  .tools/venv/bin/python "$schemas/validate.py" istio/ dist/istio/ examples/k8s/
 else
   echo "validate.py not found at $schemas: manifest schema check skipped" >&2
 fi
@@ -46,3 +49,13 @@ if [ -d sidecar/tests/client ] && ls sidecar/tests/client/test_*.py >/dev/null 2
   [ -x target/debug/infermesh-sidecar ] || cargo build --locked -p sidecar
   SIDECAR_BIN="$root/target/debug/infermesh-sidecar" .tools/venv/bin/python -m pytest -q sidecar/tests/client
 fi
+
+if [ -f "$schemas/validate.py" ]; then
+  echo "== injector webhook (jsonpatch, validate.py on Kubernetes 1.29/1.33/1.37)"
+  [ -x target/debug/infermesh ] || cargo build --locked -p infermesh
+  VALIDATE_PY="$schemas/validate.py" INFERMESH_BIN="$root/target/debug/infermesh" \
+    .tools/venv/bin/python -m pytest -q cli/tests/webhook
+fi
+
+echo "== sidecar image (scripts/sidecar-image.sh --debug, run with runc)"
+scripts/sidecar-image-test.sh

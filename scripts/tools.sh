@@ -10,6 +10,9 @@
 #   bench    FastAPI + uvicorn + onnxruntime baselines for bench/
 #   wasm     the rustup wasm32-wasip1 target, and wasm-opt (Debian's
 #            binaryen) so modules ship optimised as CI builds them
+#   inject   jsonpatch and pytest: the injector's webhook tests
+#   image    the rustup x86_64-unknown-linux-musl target, and runc and umoci
+#            (Debian packages): build and run the sidecar's container image
 # Each group is pinned in python/requirements-GROUP.txt. Prints what it has.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -67,6 +70,18 @@ for g in "${groups[@]}"; do
         fi
       fi
       command -v wasm-opt >/dev/null 2>&1 && echo "wasm-opt: $(wasm-opt --version | head -1)"
+      ;;
+    image)
+      if ! rustup target list --installed | grep -qx x86_64-unknown-linux-musl; then
+        rustup target add x86_64-unknown-linux-musl
+      fi
+      missing=()
+      for tool in runc umoci; do command -v "$tool" >/dev/null 2>&1 || missing+=("$tool"); done
+      if [ ${#missing[@]} -gt 0 ]; then
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}") >&2 \
+          || { echo "tools.sh: cannot install ${missing[*]} (apt, as root)" >&2; exit 1; }
+      fi
+      echo "rust target: x86_64-unknown-linux-musl; $(runc --version | head -1); umoci $(umoci --version | awk '{print $3}')"
       ;;
     *) install_group "$g" ;;
   esac

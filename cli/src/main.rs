@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use infermesh::explain::{self, ExplainRequest};
+use infermesh::inject::{self, Mode, Options, Scope};
 use infermesh::manifest::Filter;
 use infermesh::validate;
 
@@ -39,6 +40,33 @@ USAGE:
       treat as unhealthy). The method defaults to POST with a body or on
       an OIP infer path, else GET.
 
+  infermesh inject -f FILE|- [--namespace-enabled] [-o yaml|json] [OPTIONS]
+      Print FILE (YAML or JSON, multi-document) with the inference
+      sidecar injected into each Pod, Deployment, StatefulSet, DaemonSet,
+      ReplicaSet, Job and CronJob whose pod template opts in
+      (label or annotation infermesh.io/inject=true; with
+      --namespace-enabled, every one that does not opt out). A summary
+      goes to stderr. Exit 1 if an opted-in object cannot be injected.
+  infermesh inject serve --tls-cert FILE --tls-key FILE
+                         [--listen ADDR:PORT] [OPTIONS]
+      The mutating admission webhook (HTTPS, admission.k8s.io/v1):
+      POST /inject (pods that opt in), POST /inject/namespace (pods of an
+      opted-in namespace that do not opt out), GET /healthz. Listens on
+      0.0.0.0:9443 by default; stops on SIGTERM or Ctrl-C.
+      Both modes compute the same injection. OPTIONS (defaults; each has
+      a per-pod annotation, see istio/README.md):
+        --image REF               sidecar image (registry.example.com/infermesh/sidecar:VERSION)
+        --mode native|container   native sidecar (init container with
+                                  restartPolicy Always) or plain container (native)
+        --kube-version X.Y        pick the mode: native from 1.29 on
+        --port N                  sidecar port (8000)
+        --model-volume NAME       pod volume holding the model repository (models)
+        --cpu Q --memory Q        requests (500m, 512Mi)
+        --cpu-limit Q --memory-limit Q   limits (none, 2Gi; empty: none)
+        --startup-timeout-seconds N      model loading allowance (300)
+        --exclude-namespaces NS,...      never injected (kube-system,
+                                  kube-public, kube-node-lease, infermesh-system)
+
 FILTERS (in the order they run): model-router, canary, failover
 ";
 
@@ -49,6 +77,7 @@ fn main() -> ExitCode {
         Some("up") => run_up(args.get(1..).unwrap_or_default()),
         Some("demo") => run_demo(args.get(1..).unwrap_or_default()),
         Some("explain") => run_explain(args.get(1..).unwrap_or_default()),
+        Some("inject") => run_inject(args.get(1..).unwrap_or_default()),
         Some("-h" | "--help" | "help") => {
             print!("{USAGE}");
             Ok(ExitCode::SUCCESS)
@@ -270,4 +299,171 @@ fn run_up(args: &[String]) -> Result<ExitCode, String> {
         drop(mesh);
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// Parses an injector option into `opts`; `Ok(false)` if `flag` is not one.
+fn inject_option(
+    opts: &mut Options,
+    flag: &str,
+    value: &mut dyn FnMut() -> Result<String, String>,
+) -> Result<bool, String> {
+    let quantity = |v: String| {
+        if v.is_empty() || inject::is_quantity(&v) {
+            Ok(v)
+        } else {
+            Err(format!("{flag} {v:?} is not a Kubernetes quantity"))
+        }
+    };
+    match flag {
+        "--image" => opts.image = value()?,
+        "--mode" => {
+            let v = value()?;
+            opts.mode =
+                Mode::parse(&v).ok_or(format!("--mode {v:?} is not native or container"))?;
+        }
+        "--kube-version" => {
+            let v = value()?;
+            opts.mode = Mode::for_kube_version(&v)
+                .ok_or(format!("--kube-version {v:?} is not MAJOR.MINOR"))?;
+        }
+        "--port" => {
+            let v = value()?;
+            opts.port = v
+                .parse()
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or(format!("--port {v:?} is not a port"))?;
+        }
+        "--model-volume" => opts.model_volume = value()?,
+        "--cpu" => opts.resources.cpu = quantity(value()?)?,
+        "--memory" => opts.resources.memory = quantity(value()?)?,
+        "--cpu-limit" => {
+            opts.resources.cpu_limit = Some(quantity(value()?)?).filter(|q| !q.is_empty())
+        }
+        "--memory-limit" => {
+            opts.resources.memory_limit = Some(quantity(value()?)?).filter(|q| !q.is_empty())
+        }
+        "--startup-timeout-seconds" => {
+            let v = value()?;
+            opts.startup_timeout_s =
+                v.parse()
+                    .ok()
+                    .filter(|n| (2..=86_400).contains(n))
+                    .ok_or(format!(
+                        "--startup-timeout-seconds {v:?} is not in 2..=86400"
+                    ))?;
+        }
+        "--exclude-namespaces" => {
+            opts.excluded_namespaces = value()?
+                .split(',')
+                .map(str::trim)
+                .filter(|n| !n.is_empty())
+                .map(str::to_owned)
+                .collect();
+        }
+        _ => return Ok(false),
+    }
+    if opts.resources.cpu.is_empty() || opts.resources.memory.is_empty() {
+        return Err("--cpu and --memory cannot be empty".into());
+    }
+    Ok(true)
+}
+
+fn run_inject(args: &[String]) -> Result<ExitCode, String> {
+    let serve = args.first().is_some_and(|a| a == "serve");
+    let args = if serve { &args[1..] } else { args };
+    let mut opts = Options::default();
+    let (mut file, mut cert, mut key) = (None, None, None);
+    let mut listen: std::net::SocketAddr = ([0, 0, 0, 0], 9443).into();
+    let mut scope = Scope::OptIn;
+    let mut json = false;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = || {
+            it.next()
+                .cloned()
+                .ok_or_else(|| format!("{a} needs a value"))
+        };
+        if inject_option(&mut opts, a, &mut value)? {
+            continue;
+        }
+        match a.as_str() {
+            "-f" | "--filename" if !serve => file = Some(value()?),
+            "--namespace-enabled" if !serve => scope = Scope::Namespace,
+            "-o" | "--output" if !serve => {
+                json = match value()?.as_str() {
+                    "json" => true,
+                    "yaml" => false,
+                    o => return Err(format!("-o {o:?} is not yaml or json")),
+                }
+            }
+            "--tls-cert" if serve => cert = Some(value()?),
+            "--tls-key" if serve => key = Some(value()?),
+            "--listen" if serve => {
+                let v = value()?;
+                listen = v
+                    .parse()
+                    .map_err(|_| format!("--listen {v:?} is not ADDR:PORT"))?;
+            }
+            other => return Err(format!("unknown argument {other:?}\n\n{USAGE}")),
+        }
+    }
+    if serve {
+        let read = |flag: &str, path: Option<String>| {
+            let path = path.ok_or(format!("inject serve needs {flag} FILE"))?;
+            std::fs::read(&path).map_err(|e| format!("{flag} {path}: {e}"))
+        };
+        let cfg = inject::server::ServerConfig::new(
+            listen,
+            read("--tls-cert", cert)?,
+            read("--tls-key", key)?,
+            opts,
+        );
+        return runtime()?.block_on(serve_webhook(cfg));
+    }
+    let file = file.ok_or("inject needs -f FILE (or -f - for stdin)")?;
+    let text = if file == "-" {
+        std::io::read_to_string(std::io::stdin()).map_err(|e| format!("stdin: {e}"))?
+    } else {
+        std::fs::read_to_string(&file).map_err(|e| format!("{file}: {e}"))?
+    };
+    let (docs, notes) = match inject::offline::inject_text(&text, scope, &opts) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("infermesh inject: {file}: {e}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    for n in &notes {
+        match &n.skipped {
+            None => eprintln!("injected  {}", n.what),
+            Some(why) => eprintln!("skipped   {} ({why})", n.what),
+        }
+    }
+    if json {
+        let out = match docs.as_slice() {
+            [one] => one.clone(),
+            many => serde_json::json!({"apiVersion": "v1", "kind": "List", "items": many}),
+        };
+        println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+    } else {
+        print!("{}", inject::offline::emit_yaml(&docs));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn serve_webhook(cfg: inject::server::ServerConfig) -> Result<ExitCode, String> {
+    let server = inject::server::start(cfg)
+        .await
+        .map_err(|e| e.to_string())?;
+    eprintln!("infermesh inject: listening on https://{}", server.addr);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| format!("SIGTERM handler: {e}"))?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    eprintln!("infermesh inject: stopping");
+    server.shutdown().await;
+    Ok(ExitCode::SUCCESS)
 }
