@@ -697,6 +697,54 @@ mod tests {
     }
 
     #[test]
+    fn what_real_clients_send_decodes() {
+        // The OIP spec's example (pretty-printed, input1's data made to fit
+        // its shape).
+        let spec_sig = Signature {
+            inputs: vec![
+                TensorSpec {
+                    name: "input0".into(),
+                    datatype: DataType::U32,
+                    shape: vec![2, 2],
+                },
+                TensorSpec {
+                    name: "input1".into(),
+                    datatype: DataType::Bool,
+                    shape: vec![3],
+                },
+            ],
+            outputs: vec![TensorSpec {
+                name: "output0".into(),
+                datatype: DataType::F32,
+                shape: vec![2],
+            }],
+            max_batch_size: 0,
+        };
+        let body = br#"{
+          "id" : "42",
+          "inputs" : [
+            { "name" : "input0", "shape" : [ 2, 2 ], "datatype" : "UINT32", "data" : [ 1, 2, 3, 4 ] },
+            { "name" : "input1", "shape" : [ 3 ], "datatype" : "BOOL", "data" : [ true, false, true ] }
+          ],
+          "outputs" : [ { "name" : "output0" } ]
+        }"#;
+        let r = decode(body, None, &spec_sig, 32).unwrap();
+        assert_eq!(r.id.as_deref(), Some("42"));
+        assert_eq!(r.inputs[0].data, Data::U32(vec![1, 2, 3, 4]));
+        assert_eq!(r.inputs[1].data, Data::Bool(vec![true, false, true]));
+        // KServe's InferRequest.to_rest(): a uuid id, model_name (null when
+        // unset), input parameters, then data.
+        let body = br#"{"id":"5f0c","model_name":"m","inputs":[{"name":"x","shape":[1,2],"datatype":"FP32","parameters":{"content_type":"np"},"data":[0.5,1.0]}],"outputs":[{"name":"p","parameters":{"binary_data":false}}]}"#;
+        let r = decode(body, None, &sig(), 32).unwrap();
+        assert_eq!(r.inputs[0].data, Data::F32(vec![0.5, 1.0]));
+        let body = br#"{"model_name":null,"model_version":"1","inputs":[{"name":"x","shape":[1,2],"datatype":"FP32","data":[0,1]}]}"#;
+        assert!(decode(body, None, &sig(), 32).is_ok());
+        // tritonclient: NaN bare, parameters at both levels.
+        let body = br#"{"inputs":[{"name":"x","shape":[1,2],"datatype":"FP32","parameters":{"binary_data_size":null},"data":[NaN,1.0]}],"parameters":{"binary_data_output":false}}"#;
+        assert!(decode(body, None, &sig(), 32).is_ok());
+    }
+
+    #[test]
     fn duplicate_and_unknown_members_are_refused() {
         let cases = [
             (r#"{"inputs":[],"inputs":[]}"#, "duplicate field \"inputs\""),
