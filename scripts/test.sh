@@ -41,6 +41,6 @@ if [ -d sidecar/tests/client ] && ls sidecar/tests/client/test_*.py >/dev/null 2
   # separate `cargo build` would rebuild it with other features.
   [ -x target/debug/infermesh-sidecar ] || cargo build --locked -p sidecar
   export SIDECAR_BIN="$root/target/debug/infermesh-sidecar"
-  .tools/venv/bin/python -m pytest -q sidecar/tests/client/test_tritonclient.py
+  .tools/venv/bin/python -m pytest -q sidecar/tests/client/test_tritonclient.py sidecar/tests/client/test_batches.py
   .tools/venv-kserve/bin/python -m pytest -q sidecar/tests/client/test_kserve.py
 fi
