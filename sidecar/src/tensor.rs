@@ -1,12 +1,9 @@
-//! OIP tensors: datatypes, typed element buffers and their JSON and
-//! little-endian binary encodings. No tract here: the engine converts.
+//! OIP tensors: datatypes, typed element buffers and their little-endian
+//! binary encoding (JSON is in `json`). No tract here: the engine converts.
 
 use std::fmt;
 
 use half::f16;
-use serde::de::{self, DeserializeSeed, SeqAccess, Visitor};
-use serde::ser::{SerializeSeq, Serializer};
-use serde::Serialize;
 
 /// An OIP v2 tensor datatype.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -340,190 +337,6 @@ impl Data {
     }
 }
 
-/// Serialises as a flat JSON array (BYTES as strings, lossily when not
-/// UTF-8; non-finite floats as `null`, as serde_json does).
-impl Serialize for Data {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match self {
-            Data::F16(v) => {
-                let mut seq = s.serialize_seq(Some(v.len()))?;
-                for x in v {
-                    seq.serialize_element(&f32::from(*x))?;
-                }
-                seq.end()
-            }
-            Data::Bytes(v) => {
-                let mut seq = s.serialize_seq(Some(v.len()))?;
-                for x in v {
-                    seq.serialize_element(&String::from_utf8_lossy(x))?;
-                }
-                seq.end()
-            }
-            Data::Bool(v) => v.serialize(s),
-            Data::U8(v) => v.serialize(s),
-            Data::U16(v) => v.serialize(s),
-            Data::U32(v) => v.serialize(s),
-            Data::U64(v) => v.serialize(s),
-            Data::I8(v) => v.serialize(s),
-            Data::I16(v) => v.serialize(s),
-            Data::I32(v) => v.serialize(s),
-            Data::I64(v) => v.serialize(s),
-            Data::F32(v) => v.serialize(s),
-            Data::F64(v) => v.serialize(s),
-        }
-    }
-}
-
-/// Decodes a JSON `data` value (flat or nested arrays, or a single scalar)
-/// of datatype `dt` into a flat buffer, refusing more than `limit` elements
-/// so that a lying shape cannot make the server allocate more than it must.
-pub fn data_from_json(
-    raw: &serde_json::value::RawValue,
-    dt: DataType,
-    limit: usize,
-) -> Result<Data, serde_json::Error> {
-    let mut out = Data::with_capacity(dt, limit.min(1 << 20));
-    let mut de = serde_json::Deserializer::from_str(raw.get());
-    FlatSeed {
-        out: &mut out,
-        limit,
-    }
-    .deserialize(&mut de)?;
-    de.end()?;
-    Ok(out)
-}
-
-struct FlatSeed<'a> {
-    out: &'a mut Data,
-    limit: usize,
-}
-
-impl FlatSeed<'_> {
-    fn push<E: de::Error>(&mut self, v: Scalar<'_>) -> Result<(), E> {
-        if self.out.len() >= self.limit {
-            return Err(E::custom(format_args!(
-                "more data elements than the shape holds ({})",
-                self.limit
-            )));
-        }
-        let dt = self.out.datatype();
-        let bad = || E::custom(format_args!("value {v} is not a valid {dt}"));
-        macro_rules! int {
-            ($vec:expr, $t:ty) => {{
-                let x = match v {
-                    Scalar::I(i) => <$t>::try_from(i).map_err(|_| bad())?,
-                    Scalar::U(u) => <$t>::try_from(u).map_err(|_| bad())?,
-                    _ => return Err(bad()),
-                };
-                $vec.push(x)
-            }};
-        }
-        let float = || -> Result<f64, E> {
-            match v {
-                Scalar::I(i) => Ok(i as f64),
-                Scalar::U(u) => Ok(u as f64),
-                Scalar::F(f) => Ok(f),
-                _ => Err(bad()),
-            }
-        };
-        match &mut *self.out {
-            Data::Bool(vec) => match v {
-                Scalar::B(b) => vec.push(b),
-                _ => return Err(bad()),
-            },
-            Data::U8(vec) => int!(vec, u8),
-            Data::U16(vec) => int!(vec, u16),
-            Data::U32(vec) => int!(vec, u32),
-            Data::U64(vec) => int!(vec, u64),
-            Data::I8(vec) => int!(vec, i8),
-            Data::I16(vec) => int!(vec, i16),
-            Data::I32(vec) => int!(vec, i32),
-            Data::I64(vec) => int!(vec, i64),
-            Data::F16(vec) => {
-                let x = f16::from_f64(float()?);
-                if x.is_infinite() {
-                    return Err(bad());
-                }
-                vec.push(x)
-            }
-            Data::F32(vec) => {
-                let x = float()? as f32;
-                if x.is_infinite() {
-                    return Err(bad());
-                }
-                vec.push(x)
-            }
-            Data::F64(vec) => vec.push(float()?),
-            Data::Bytes(vec) => match v {
-                Scalar::S(s) => vec.push(s.as_bytes().to_vec()),
-                _ => return Err(bad()),
-            },
-        }
-        Ok(())
-    }
-}
-
-#[derive(Clone, Copy)]
-enum Scalar<'a> {
-    B(bool),
-    I(i64),
-    U(u64),
-    F(f64),
-    S(&'a str),
-}
-
-impl fmt::Display for Scalar<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Scalar::B(b) => write!(f, "{b}"),
-            Scalar::I(i) => write!(f, "{i}"),
-            Scalar::U(u) => write!(f, "{u}"),
-            Scalar::F(x) => write!(f, "{x}"),
-            Scalar::S(_) => f.write_str("(string)"),
-        }
-    }
-}
-
-impl<'de> DeserializeSeed<'de> for FlatSeed<'_> {
-    type Value = ();
-    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for FlatSeed<'_> {
-    type Value = ();
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "an array of {} values", self.out.datatype())
-    }
-    fn visit_bool<E: de::Error>(mut self, v: bool) -> Result<(), E> {
-        self.push(Scalar::B(v))
-    }
-    fn visit_i64<E: de::Error>(mut self, v: i64) -> Result<(), E> {
-        self.push(Scalar::I(v))
-    }
-    fn visit_u64<E: de::Error>(mut self, v: u64) -> Result<(), E> {
-        self.push(Scalar::U(v))
-    }
-    fn visit_f64<E: de::Error>(mut self, v: f64) -> Result<(), E> {
-        self.push(Scalar::F(v))
-    }
-    fn visit_str<E: de::Error>(mut self, v: &str) -> Result<(), E> {
-        self.push(Scalar::S(v))
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        let limit = self.limit;
-        while seq
-            .next_element_seed(FlatSeed {
-                out: &mut *self.out,
-                limit,
-            })?
-            .is_some()
-        {}
-        Ok(())
-    }
-}
-
 /// Largest bracket/brace nesting in a JSON document, ignoring strings; a
 /// cheap scan run before parsing so hostile nesting never reaches a
 /// recursive parser.
@@ -560,29 +373,6 @@ pub fn json_depth_exceeds(bytes: &[u8], max: usize) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn raw(s: &str) -> Box<serde_json::value::RawValue> {
-        serde_json::value::RawValue::from_string(s.to_string()).unwrap()
-    }
-
-    #[test]
-    fn nested_json_flattens_row_major() {
-        let d = data_from_json(&raw("[[1, 2.5], [3, 4]]"), DataType::F32, 4).unwrap();
-        assert_eq!(d, Data::F32(vec![1.0, 2.5, 3.0, 4.0]));
-    }
-
-    #[test]
-    fn json_rejects_out_of_range_and_wrong_kinds() {
-        assert!(data_from_json(&raw("[256]"), DataType::U8, 1).is_err());
-        assert!(data_from_json(&raw("[-1]"), DataType::U32, 1).is_err());
-        assert!(data_from_json(&raw("[1.5]"), DataType::I64, 1).is_err());
-        assert!(data_from_json(&raw("[1e300]"), DataType::F32, 1).is_err());
-        assert!(data_from_json(&raw("[1]"), DataType::Bool, 1).is_err());
-        assert!(data_from_json(&raw("[\"a\"]"), DataType::F32, 1).is_err());
-        assert!(data_from_json(&raw("[1, 2, 3]"), DataType::F32, 2).is_err());
-        let b = data_from_json(&raw("[true, false]"), DataType::Bool, 2).unwrap();
-        assert_eq!(b, Data::Bool(vec![true, false]));
-    }
 
     #[test]
     fn binary_round_trips_every_type() {

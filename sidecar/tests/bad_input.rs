@@ -257,3 +257,101 @@ async fn slow_clients_are_cut_off() {
     good_request_still_works(addr, "slow clients").await;
     server.shutdown(Duration::from_secs(5)).await;
 }
+
+/// A digits-mlp request whose 784 elements are zeros and then `last`.
+fn with_last_element(last: &str) -> Vec<u8> {
+    let mut data = "0,".repeat(783);
+    data.push_str(last);
+    format!(r#"{{"inputs": [{{"name": "input", "shape": [1, 784], "datatype": "FP32", "data": [{data}]}}]}}"#)
+        .into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_numbers_are_refused_naming_the_element() {
+    let server = start(settings(&examples())).await.unwrap();
+    let addr = server.addr;
+    let million = "1".repeat(1_000_000);
+    let cases: Vec<(&str, String, &str)> = vec![
+        ("overflow", "1e999".into(), "element 783: 1e999 is out of range for FP32"),
+        ("lone minus", "-".into(), "element 783: -: invalid number"),
+        ("no leading digit", ".5".into(), "element 783: .5 is not a valid FP32"),
+        ("leading zero", "01".into(), "element 783: 01: invalid number: leading zero"),
+        ("lowercase nan", "nan".into(), "element 783: nan is not a valid FP32"),
+        ("a million digits", million, "element 783: 11111111111111111111111111111111... (1000000 bytes) is out of range for FP32"),
+        ("string among numbers", "\"0\"".into(), "element 783: a string is not a valid FP32"),
+        ("bool among numbers", "true".into(), "element 783: true is not a valid FP32"),
+        ("null among numbers", "null".into(), "element 783: null is not a valid FP32"),
+        ("array among numbers", "[0, [1]]".into(), "more data elements than the shape holds (784)"),
+    ];
+    for (name, last, want) in cases {
+        let r = request(addr, "POST", INFER, &[], &with_last_element(&last))
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status,
+            400,
+            "{name}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert_eq!(r.error(), format!("input \"input\": {want}"), "{name}");
+    }
+    // NaN is a float, not a dimension, an id or a name.
+    for (name, body) in [
+        (
+            "NaN in shape",
+            r#"{"inputs": [{"name": "input", "shape": [1, NaN], "datatype": "FP32", "data": [0]}]}"#,
+        ),
+        ("NaN as id", r#"{"id": NaN, "inputs": []}"#),
+        (
+            "NaN as name",
+            r#"{"inputs": [{"name": NaN, "shape": [1], "datatype": "FP32", "data": [0]}]}"#,
+        ),
+    ] {
+        let r = request(addr, "POST", INFER, &[], body.as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status,
+            400,
+            "{name}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert!(
+            r.error().contains("invalid inference request JSON"),
+            "{name}: {}",
+            r.error()
+        );
+    }
+    good_request_still_works(addr, "malformed numbers").await;
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_finite_floats_travel_as_triton_literals() {
+    let server = start(settings(&examples())).await.unwrap();
+    let addr = server.addr;
+    // NaN in: the MLP's probabilities come out NaN, written as NaN.
+    let r = request(addr, "POST", INFER, &[], &with_last_element("NaN"))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let text = String::from_utf8(r.body.clone()).unwrap();
+    assert!(!text.contains("null"), "{text}");
+    // serde_json has no NaN: read the literals as null to check the rest.
+    let v: Value = serde_json::from_str(&text.replace("NaN", "null")).unwrap();
+    let probs = v["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["name"] == "probabilities")
+        .unwrap();
+    assert_eq!(probs["data"], json!(vec![Value::Null; 10]), "{text}");
+    // Infinities in: accepted as floats.
+    for lit in ["Infinity", "-Infinity"] {
+        let r = request(addr, "POST", INFER, &[], &with_last_element(lit))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{lit}: {}", String::from_utf8_lossy(&r.body));
+    }
+    server.shutdown(Duration::from_secs(5)).await;
+}

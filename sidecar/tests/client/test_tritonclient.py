@@ -1,76 +1,27 @@
 """tritonclient (HTTP) as a real client of infermesh-sidecar.
 
-Starts the binary named by SIDECAR_BIN on 127.0.0.1 with an ephemeral port
-against examples/models and checks health, metadata, and inference with
-JSON and binary tensors against reference.json.
+Against the sidecar started by conftest.py (SIDECAR_BIN, examples/models):
+health, metadata, and inference with JSON and binary tensors against
+reference.json.
 
     scripts/tools.sh client
-    SIDECAR_BIN=target/sidecar/debug/infermesh-sidecar .tools/venv/bin/pytest sidecar/tests/client
+    SIDECAR_BIN=target/debug/infermesh-sidecar .tools/venv/bin/pytest sidecar/tests/client/test_tritonclient.py
 """
-
-import json
-import os
-import pathlib
-import subprocess
-import threading
-import time
 
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
 
-ROOT = pathlib.Path(__file__).resolve().parents[3]
-MODELS = ROOT / "examples" / "models"
+from conftest import MODELS, reference
+
 NAMES = ["digits-mlp", "tiny-cnn", "digits-forest"]
 
 
 @pytest.fixture(scope="module")
-def server():
-    binary = os.environ.get("SIDECAR_BIN")
-    if not binary:
-        pytest.fail("set SIDECAR_BIN to the infermesh-sidecar binary")
-    proc = subprocess.Popen(
-        [binary, "--model-repository", str(MODELS), "--listen", "127.0.0.1:0", "--log-format", "json"],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    addr = None
-    deadline = time.time() + 30
-    while addr is None and time.time() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if rec.get("message") == "listening":
-            addr = rec["addr"]
-    if addr is None:
-        proc.kill()
-        pytest.fail("sidecar did not report its address")
-    # Keep draining stderr so the child never blocks on a full pipe.
-    threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
-    client = httpclient.InferenceServerClient(url=addr)
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if client.is_server_ready():
-                break
-        except Exception:
-            pass
-        time.sleep(0.05)
-    else:
-        proc.kill()
-        pytest.fail("sidecar never became ready")
+def server(sidecar_addr):
+    client = httpclient.InferenceServerClient(url=sidecar_addr)
     yield client
     client.close()
-    proc.terminate()
-    assert proc.wait(timeout=30) == 0
-
-
-def reference(model, version):
-    return json.loads((MODELS / model / version / "reference.json").read_text())
 
 
 def check(result, case, tol, what):
@@ -79,7 +30,9 @@ def check(result, case, tol, what):
         assert got is not None, f"{what}: no output {name}"
         assert list(got.shape) == want["shape"], f"{what}: {name} shape"
         exp = np.array(want["data"]).reshape(want["shape"])
-        if want["datatype"] == "INT64":
+        if want["datatype"] == "BYTES":
+            assert [x.decode() if isinstance(x, bytes) else x for x in got.flatten()] == list(exp.flatten()), what
+        elif want["datatype"] == "INT64":
             np.testing.assert_array_equal(got, exp, err_msg=what)
         else:
             np.testing.assert_allclose(got, exp, atol=tol["atol"], rtol=tol["rtol"], err_msg=what)
@@ -151,3 +104,20 @@ def test_errors_surface_as_exceptions(server):
     with pytest.raises(Exception) as err:
         server.infer("digits-mlp", [inp])
     assert "783" in str(err.value)
+
+
+def test_missing_values_travel_as_json_nan(server):
+    """tritonclient writes NaN into JSON bodies as the bare literal, as
+    Triton reads it; a tree model's missing features go through that way."""
+    ref = reference("wine-forest", "1")
+    cases = [c for c in ref["cases"] if "NaN" in c["inputs"]["input"]["data"]]
+    assert cases, "the reference has a case with missing values"
+    for case in cases:
+        t = case["inputs"]["input"]
+        arr = np.array(t["data"], dtype=np.float32).reshape(t["shape"])
+        assert np.isnan(arr).any()
+        inp = httpclient.InferInput("input", t["shape"], "FP32")
+        inp.set_data_from_numpy(arr, binary_data=False)
+        outputs = [httpclient.InferRequestedOutput(n, binary_data=False) for n in case["outputs"]]
+        result = server.infer("wine-forest", [inp], model_version="1", outputs=outputs)
+        check(result, case, ref["tolerance"], f"wine-forest {case['name']} JSON NaN")
