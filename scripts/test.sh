@@ -12,7 +12,7 @@ cd "$root"
 quick=0
 [ "${1:-}" = "--quick" ] && quick=1
 
-scripts/tools.sh wasm envoy manifests
+scripts/tools.sh wasm envoy manifests objectstores
 [ -f python/requirements-client.txt ] && scripts/tools.sh client
 
 # Test the modules exactly as they ship.

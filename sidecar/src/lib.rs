@@ -8,6 +8,7 @@ pub mod config;
 pub mod engine;
 pub mod metrics;
 pub mod model_repo;
+pub mod object_repo;
 pub mod protocol;
 pub mod registry;
 pub mod server;

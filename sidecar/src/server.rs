@@ -16,6 +16,7 @@ use tokio::task::JoinSet;
 use crate::api::{self, AppState};
 use crate::config::Settings;
 use crate::metrics::Metrics;
+use crate::object_repo::{self, Mirror, SyncLimits};
 use crate::registry::{Limits, Registry};
 
 /// Starting the server failed.
@@ -29,6 +30,8 @@ pub enum ServeError {
     },
     #[error("model repository {0} is not a readable directory")]
     Repository(String),
+    #[error("{0}")]
+    Remote(String),
     #[error("metrics registry")]
     Metrics(#[from] prometheus::Error),
 }
@@ -50,14 +53,34 @@ impl std::fmt::Debug for Server {
 /// Binds `settings.listen` and starts serving; models load in the
 /// background (readiness stays false until that is done).
 pub async fn start(settings: Settings) -> Result<Server, ServeError> {
-    if !settings.model_repository.is_dir() {
-        return Err(ServeError::Repository(
-            settings.model_repository.display().to_string(),
-        ));
-    }
+    let (root, mirror) = match &settings.repository_url {
+        Some(url) => {
+            let parsed = object_repo::parse_url(url).map_err(|reason| {
+                ServeError::Remote(format!("{}: {reason}", object_repo::shown(url)))
+            })?;
+            let cache = settings.repository_cache.clone().unwrap_or_else(|| {
+                std::env::temp_dir().join(format!("infermesh-sidecar-cache-{}", std::process::id()))
+            });
+            let limits = SyncLimits {
+                max_object_bytes: settings.repository_max_object_bytes,
+                max_total_bytes: settings.repository_max_bytes,
+            };
+            let mirror = Mirror::new(parsed, cache.clone(), limits)
+                .map_err(|e| ServeError::Remote(e.to_string()))?;
+            (cache, Some(mirror))
+        }
+        None => {
+            if !settings.model_repository.is_dir() {
+                return Err(ServeError::Repository(
+                    settings.model_repository.display().to_string(),
+                ));
+            }
+            (settings.model_repository.clone(), None)
+        }
+    };
     let metrics = Metrics::new()?;
     let registry = Arc::new(Registry::new(
-        settings.model_repository.clone(),
+        root,
         Limits {
             queue_capacity: settings.queue_capacity,
             instances: settings.instances,
@@ -75,7 +98,10 @@ pub async fn start(settings: Settings) -> Result<Server, ServeError> {
         source,
     })?;
     let state = Arc::new(AppState::new(settings, registry.clone(), metrics));
-    {
+    if let Some(mirror) = mirror {
+        tracing::info!(url = %mirror.url(), cache = %mirror.cache().display(), "model repository in object storage");
+        tokio::spawn(object_repo::run(mirror, state.clone()));
+    } else {
         let state = state.clone();
         tokio::spawn(async move {
             if let Err(e) = registry.load_all().await {
