@@ -17,7 +17,7 @@ use std::time::Duration;
 use futures::{StreamExt, TryStreamExt};
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::azure::MicrosoftAzureBuilder;
-use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
+use object_store::gcp::GoogleCloudStorageBuilder;
 use object_store::path::Path as StorePath;
 use object_store::{ObjectStore, ObjectStoreExt, ObjectStoreScheme, RetryConfig};
 use tokio::io::AsyncWriteExt;
@@ -516,8 +516,15 @@ impl Fetch {
             .get(&e.location)
             .await
             .map_err(|err| at(describe(&err)))?;
-        if got.meta.e_tag.is_some() && e.stamp.e_tag.is_some() && got.meta.e_tag != e.stamp.e_tag {
-            return Err(at("changed while syncing; retried on the next poll".into()));
+        // Lists and GETs quote ETags differently on some stores.
+        let tag = |t: &Option<String>| {
+            t.as_deref()
+                .map(|t| t.trim_start_matches("W/").trim_matches('"').to_string())
+        };
+        if let (Some(listed), Some(now)) = (tag(&e.stamp.e_tag), tag(&got.meta.e_tag)) {
+            if listed != now {
+                return Err(at("changed while syncing; retried on the next poll".into()));
+            }
         }
         let mut file = tokio::fs::File::create(tmp)
             .await
@@ -616,15 +623,10 @@ fn prepare_cache(cache: &FsPath) -> Result<(), SyncError> {
     Ok(())
 }
 
-/// A short reason for a store error, without URLs' query strings (Azure
-/// SAS) or anything else secret.
+/// A short reason for a store error: the HTTP status and the store's own
+/// error code and message when there is one, with a hint; never a query
+/// string (Azure SAS) or a secret.
 fn describe(e: &object_store::Error) -> String {
-    let kind = match e {
-        object_store::Error::NotFound { .. } => "not found (check the bucket/container name)",
-        object_store::Error::PermissionDenied { .. } => "permission denied (check the credentials)",
-        object_store::Error::Unauthenticated { .. } => "not authenticated (check the credentials)",
-        _ => "",
-    };
     let mut text = String::new();
     let mut source: Option<&dyn std::error::Error> = Some(e);
     while let Some(s) = source {
@@ -638,10 +640,44 @@ fn describe(e: &object_store::Error) -> String {
         source = s.source();
     }
     let text = redact(&text);
-    if kind.is_empty() {
-        text
-    } else {
-        format!("{kind}: {text}")
+    let between = |open: &str, close: &str| -> Option<String> {
+        let start = text.find(open)? + open.len();
+        let end = text[start..].find(close)? + start;
+        Some(
+            text[start..end]
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_string(),
+        )
+    };
+    let status: Option<u16> = text
+        .find("status code: ")
+        .and_then(|i| text[i + 13..].get(..3))
+        .and_then(|s| s.parse().ok());
+    let hint = match status {
+        Some(404) => "not found (check the bucket or container name)",
+        Some(401) => "not authenticated (check the credentials)",
+        Some(403) => "access denied (check the credentials and their permissions)",
+        Some(_) => "the store refused the request",
+        None if matches!(e, object_store::Error::NotFound { .. }) => "not found",
+        None => "",
+    };
+    let detail = match (
+        between("<Code>", "</Code>"),
+        between("<Message>", "</Message>"),
+    ) {
+        (Some(code), Some(msg)) => format!("{code}: {msg}"),
+        (Some(code), None) => code,
+        _ => between("\"message\":\"", "\"").unwrap_or_default(),
+    };
+    match status {
+        Some(code) => format!("{hint}: HTTP {code} {detail}")
+            .trim_end()
+            .to_string(),
+        None if hint.is_empty() => text.chars().take(400).collect(),
+        None => format!("{hint}: {}", text.chars().take(400).collect::<String>()),
     }
 }
 
@@ -725,9 +761,16 @@ where
                 } else {
                     format!("http://{host}")
                 };
+                // No OAuth towards an emulator (and no metadata server).
+                let key = serde_json::json!({
+                    "gcs_base_url": base.trim_end_matches('/'),
+                    "disable_oauth": true,
+                    "client_email": "",
+                    "private_key": "",
+                    "private_key_id": "",
+                });
                 b = b
-                    .with_config(GoogleConfigKey::BaseUrl, base.trim_end_matches('/'))
-                    .with_skip_signature(true)
+                    .with_service_account_key(key.to_string())
                     .with_client_options(object_store::ClientOptions::new().with_allow_http(true));
             }
             Arc::new(b.with_retry(retry()).build().map_err(|e| describe(&e))?)

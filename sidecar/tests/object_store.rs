@@ -21,7 +21,7 @@ use bytes::Bytes;
 use common::*;
 use object_store::aws::AmazonS3Builder;
 use object_store::azure::MicrosoftAzureBuilder;
-use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
+use object_store::gcp::GoogleCloudStorageBuilder;
 use object_store::path::Path as StorePath;
 use object_store::{ClientOptions, ObjectStore, ObjectStoreExt, PutPayload};
 use serde_json::{json, Value};
@@ -98,7 +98,9 @@ impl Emulator {
             }
             Kind::Gcs => {
                 let mut c = Command::new(tool("fake-gcs-server"));
+                let public = format!("127.0.0.1:{port}");
                 c.args(["-scheme", "http", "-host", "127.0.0.1", "-port", &port])
+                    .args(["-public-host", &public])
                     .args(["-backend", "filesystem", "-filesystem-root", &data])
                     .args(["-log-level", "error"]);
                 c
@@ -189,8 +191,16 @@ impl Emulator {
             Kind::Gcs => Arc::new(
                 GoogleCloudStorageBuilder::new()
                     .with_bucket_name(bucket)
-                    .with_config(GoogleConfigKey::BaseUrl, self.endpoint())
-                    .with_skip_signature(true)
+                    .with_service_account_key(
+                        json!({
+                            "gcs_base_url": self.endpoint(),
+                            "disable_oauth": true,
+                            "client_email": "",
+                            "private_key": "",
+                            "private_key_id": "",
+                        })
+                        .to_string(),
+                    )
                     .with_client_options(http)
                     .build()
                     .unwrap(),
@@ -390,23 +400,64 @@ fn config_bytes() -> Bytes {
 /// What the test put in the bucket, to put back after an emulator that
 /// keeps nothing (moto) restarts.
 struct Bucket {
+    kind: Kind,
+    addr: SocketAddr,
+    name: String,
     store: Arc<dyn ObjectStore>,
     objects: BTreeMap<String, Bytes>,
 }
 
+fn encode(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
 impl Bucket {
+    fn new(emu: &Emulator, name: &str) -> Bucket {
+        Bucket {
+            kind: emu.kind,
+            addr: format!("127.0.0.1:{}", emu.port).parse().unwrap(),
+            name: name.to_string(),
+            store: emu.client(name),
+            objects: BTreeMap::new(),
+        }
+    }
+
     async fn put(&mut self, rel: &str, bytes: Bytes) {
-        let path = StorePath::from(format!("{PREFIX}/{rel}"));
-        self.store
-            .put(&path, PutPayload::from_bytes(bytes.clone()))
-            .await
-            .unwrap_or_else(|e| panic!("put {rel}: {e}"));
+        let key = format!("{PREFIX}/{rel}");
+        if self.kind == Kind::Gcs {
+            // fake-gcs-server takes uploads on the JSON API only.
+            let path = format!(
+                "/upload/storage/v1/b/{}/o?uploadType=media&name={}",
+                self.name,
+                encode(&key)
+            );
+            let r = request(self.addr, "POST", &path, &[], &bytes)
+                .await
+                .unwrap();
+            assert_eq!(
+                r.status,
+                200,
+                "put {rel}: {}",
+                String::from_utf8_lossy(&r.body)
+            );
+        } else {
+            self.store
+                .put(&StorePath::from(key), PutPayload::from_bytes(bytes.clone()))
+                .await
+                .unwrap_or_else(|e| panic!("put {rel}: {e}"));
+        }
         self.objects.insert(rel.to_string(), bytes);
     }
 
     async fn delete(&mut self, rel: &str) {
-        let path = StorePath::from(format!("{PREFIX}/{rel}"));
-        self.store.delete(&path).await.unwrap();
+        let key = format!("{PREFIX}/{rel}");
+        if self.kind == Kind::Gcs {
+            let path = format!("/storage/v1/b/{}/o/{}", self.name, encode(&key));
+            let r = request(self.addr, "DELETE", &path, &[], b"").await.unwrap();
+            assert!(r.status < 300, "delete {rel}: {}", r.status);
+        } else {
+            self.store.delete(&StorePath::from(key)).await.unwrap();
+        }
         self.objects.remove(rel);
     }
 
@@ -453,10 +504,7 @@ async fn infer(addr: SocketAddr, version: Option<&str>, case: &Value) -> Resp {
 async fn rollout(kind: Kind) {
     let mut emu = Emulator::start(kind);
     emu.create_bucket(BUCKET).await;
-    let mut bucket = Bucket {
-        store: emu.client(BUCKET),
-        objects: BTreeMap::new(),
-    };
+    let mut bucket = Bucket::new(&emu, BUCKET);
     bucket
         .put(&format!("{MODEL}/config.json"), config_bytes())
         .await;
@@ -621,11 +669,9 @@ async fn rollout(kind: Kind) {
     // It comes back: syncing resumes and picks up a new version.
     let last = sc.metric(LAST_SUCCESS).await;
     emu.launch();
-    if kind == Kind::S3 {
-        // moto keeps nothing across a restart.
-        emu.create_bucket(BUCKET).await;
-        bucket.put_all_again().await;
-    }
+    // moto keeps nothing across a restart, nor Azurite across a kill.
+    emu.create_bucket(BUCKET).await;
+    bucket.put_all_again().await;
     bucket
         .put(&format!("{MODEL}/6/model.onnx"), model_bytes("1"))
         .await;
@@ -666,23 +712,21 @@ async fn azure_rollout_on_azurite() {
 /// Readiness stays false and says why; the log says it too; nothing is
 /// served.
 async fn refused(sc: &Sidecar, wants: &[&str]) {
-    until(
-        Duration::from_secs(30),
-        "the sync error in readiness",
-        || async {
-            let r = get(sc.addr, "/v2/health/ready").await.unwrap();
-            assert_eq!(
-                r.status,
-                503,
-                "became ready: {}",
-                String::from_utf8_lossy(&r.body)
-            );
-            r.json()["error"]
-                .as_str()
-                .is_some_and(|e| wants.iter().all(|w| e.contains(w)))
-        },
-    )
-    .await;
+    let start = Instant::now();
+    loop {
+        let r = get(sc.addr, "/v2/health/ready").await.unwrap();
+        let body = String::from_utf8_lossy(&r.body).to_string();
+        assert_eq!(r.status, 503, "became ready: {body}");
+        if wants.iter().all(|w| body.contains(w)) {
+            eprintln!("readiness: {body}");
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "readiness never said {wants:?}: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert!(sc.index().await.is_empty());
     assert_eq!(
         get(sc.addr, &format!("/v2/models/{MODEL}/ready"))
@@ -704,10 +748,7 @@ async fn refused(sc: &Sidecar, wants: &[&str]) {
 async fn store_errors_name_the_url_and_serve_nothing() {
     let emu = Emulator::start(Kind::S3);
     emu.create_bucket(BUCKET).await;
-    let mut bucket = Bucket {
-        store: emu.client(BUCKET),
-        objects: BTreeMap::new(),
-    };
+    let mut bucket = Bucket::new(&emu, BUCKET);
     bucket
         .put(&format!("{MODEL}/config.json"), config_bytes())
         .await;
@@ -727,6 +768,20 @@ async fn store_errors_name_the_url_and_serve_nothing() {
     let url = emu.url(BUCKET, PREFIX);
     let sc = Sidecar::spawn(&url, &env, &["--repository-max-bytes", "1000"]);
     refused(&sc, &[&url, "over the limit of 1000"]).await;
+
+    // Nothing listens: retried with backoff, one log line per attempt.
+    let mut down = env.clone();
+    down.retain(|(k, _)| *k != "AWS_ENDPOINT_URL");
+    down.push((
+        "AWS_ENDPOINT_URL",
+        format!("http://127.0.0.1:{}", free_port()),
+    ));
+    let sc = Sidecar::spawn(&url, &down, &[]);
+    refused(&sc, &[&url]).await;
+    until(Duration::from_secs(30), "a second attempt", || async {
+        sc.log().contains("\"attempt\":2")
+    })
+    .await;
 
     // Wrong credentials: Azurite checks the account key's signatures.
     let az = Emulator::start(Kind::Azure);
