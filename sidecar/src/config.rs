@@ -62,6 +62,8 @@ impl Default for Settings {
 }
 
 /// What the command line asks for.
+// Built once at startup: boxing the settings would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Command {
     Serve(Settings),
@@ -318,6 +320,42 @@ mod tests {
         assert_eq!(s.queue_capacity, 5);
         assert_eq!(s.log_format, LogFormat::Json);
         assert_eq!(s.model_repository, PathBuf::from("./models"));
+    }
+
+    #[test]
+    fn bucket_urls_set_the_remote_repository() {
+        let none = |_: &str| None;
+        let Command::Serve(s) = parse(
+            args(&[
+                "--model-repository",
+                "gs://bucket/models",
+                "--repository-poll-s",
+                "5",
+                "--repository-max-object-bytes=1000",
+            ]),
+            none,
+        )
+        .unwrap() else {
+            panic!("not serve");
+        };
+        assert_eq!(s.repository_url.as_deref(), Some("gs://bucket/models"));
+        assert_eq!(s.repository_poll, Duration::from_secs(5));
+        assert_eq!(s.repository_max_object_bytes, 1000);
+        for (a, want) in [
+            (
+                &["--model-repository", "ftp://h/x"][..],
+                "--model-repository",
+            ),
+            (
+                &["--model-repository", "s3://u:SECRET@b/x"][..],
+                "credentials",
+            ),
+            (&["--repository-poll-s", "0"][..], "--repository-poll-s"),
+        ] {
+            let e = parse(args(a), none).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+            assert!(!e.contains("SECRET"), "{e}");
+        }
     }
 
     #[test]

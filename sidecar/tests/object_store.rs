@@ -544,8 +544,11 @@ async fn rollout(kind: Kind) {
     let stop = Arc::new(AtomicBool::new(false));
     let ok = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(Mutex::new(Vec::<String>::new()));
-    let load: Vec<_> = (0..2)
-        .map(|_| {
+    // Two flows on the unversioned model, one on version 1 (which will be
+    // deleted: its requests answer 200 until it is gone, then 404).
+    let load: Vec<_> = [None, None, Some("1")]
+        .into_iter()
+        .map(|version| {
             let (stop, ok, failed, case, addr) = (
                 stop.clone(),
                 ok.clone(),
@@ -554,10 +557,13 @@ async fn rollout(kind: Kind) {
                 sc.addr,
             );
             tokio::spawn(async move {
+                let mut gone = false;
                 while !stop.load(Ordering::SeqCst) {
-                    let r = infer(addr, None, &case).await;
-                    if r.status == 200 {
+                    let r = infer(addr, version, &case).await;
+                    if r.status == 200 && !gone {
                         ok.fetch_add(1, Ordering::SeqCst);
+                    } else if r.status == 404 && version.is_some() {
+                        gone = true;
                     } else {
                         failed
                             .lock()
