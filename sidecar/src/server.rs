@@ -42,6 +42,8 @@ pub struct Server {
     pub state: Arc<AppState>,
     shutdown: watch::Sender<bool>,
     accept: tokio::task::JoinHandle<JoinSet<()>>,
+    /// A default object store cache, deleted on shutdown.
+    owned_cache: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for Server {
@@ -53,14 +55,22 @@ impl std::fmt::Debug for Server {
 /// Binds `settings.listen` and starts serving; models load in the
 /// background (readiness stays false until that is done).
 pub async fn start(settings: Settings) -> Result<Server, ServeError> {
+    let mut owned_cache = None;
     let (root, mirror) = match &settings.repository_url {
         Some(url) => {
             let parsed = object_repo::parse_url(url).map_err(|reason| {
                 ServeError::Remote(format!("{}: {reason}", object_repo::shown(url)))
             })?;
-            let cache = settings.repository_cache.clone().unwrap_or_else(|| {
-                std::env::temp_dir().join(format!("infermesh-sidecar-cache-{}", std::process::id()))
-            });
+            let cache = match &settings.repository_cache {
+                Some(dir) => dir.clone(),
+                None => {
+                    // Ours alone: removed again on shutdown.
+                    let dir = std::env::temp_dir()
+                        .join(format!("infermesh-sidecar-cache-{}", std::process::id()));
+                    owned_cache = Some(dir.clone());
+                    dir
+                }
+            };
             let limits = SyncLimits {
                 max_object_bytes: settings.repository_max_object_bytes,
                 max_total_bytes: settings.repository_max_bytes,
@@ -119,6 +129,7 @@ pub async fn start(settings: Settings) -> Result<Server, ServeError> {
         state,
         shutdown,
         accept,
+        owned_cache,
     })
 }
 
@@ -138,6 +149,9 @@ impl Server {
                 .is_ok();
         if !drained {
             conns.abort_all();
+        }
+        if let Some(dir) = &self.owned_cache {
+            let _ = std::fs::remove_dir_all(dir);
         }
         drained
     }
