@@ -253,7 +253,13 @@ impl Mirror {
         if models.is_empty() {
             return Err(SyncError::Empty(self.url.display.clone()));
         }
-        let total: u64 = entries.iter().map(|e| e.stamp.size).sum();
+        // Objects over the per-object limit are never downloaded: they do
+        // not count (their version is reported unavailable instead).
+        let total: u64 = entries
+            .iter()
+            .map(|e| e.stamp.size)
+            .filter(|size| *size <= self.limits.max_object_bytes)
+            .sum();
         if total > self.limits.max_total_bytes {
             return Err(SyncError::TooLarge {
                 url: self.url.display.clone(),
