@@ -481,8 +481,12 @@ impl Mirror {
     }
 
     fn cache_error(&self, e: std::io::Error) -> SyncError {
-        SyncError::Cache(self.cache.display().to_string(), e.to_string())
+        cache_error(&self.cache, e)
     }
+}
+
+fn cache_error(cache: &FsPath, e: std::io::Error) -> SyncError {
+    SyncError::Cache(cache.display().to_string(), e.to_string())
 }
 
 /// Where and how to fetch: owned, so downloads run as `'static` futures.
@@ -495,7 +499,7 @@ struct Fetch {
 
 impl Fetch {
     fn cache_error(&self, e: std::io::Error) -> SyncError {
-        SyncError::Cache(self.cache.display().to_string(), e.to_string())
+        cache_error(&self.cache, e)
     }
 
     /// Streams one object to `tmp`, checks it, renames it into place.
@@ -887,7 +891,7 @@ pub async fn run(mut mirror: Mirror, state: Arc<AppState>) {
     loop {
         tokio::time::sleep(poll).await;
         match timed_sync(&mut mirror, &metrics).await {
-            Ok(report) => apply(&state.registry, report).await,
+            Ok(report) => apply_report(&state.registry, report).await,
             Err(e) => {
                 tracing::warn!(error = %e, "model repository sync failed; serving what is loaded")
             }
@@ -901,7 +905,7 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-async fn apply(registry: &Registry, report: SyncReport) {
+async fn apply_report(registry: &Registry, report: SyncReport) {
     for model in &report.removed {
         if registry.unload(model).await.is_ok() {
             tracing::info!(model = %model, "model left the repository");
