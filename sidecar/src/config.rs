@@ -15,7 +15,16 @@ pub enum LogFormat {
 /// Everything the server needs to start.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
+    /// A local directory; unused when `repository_url` is set.
     pub model_repository: PathBuf,
+    /// `s3://`, `gs://`, `az://` (or https) URL of the repository.
+    pub repository_url: Option<String>,
+    /// Where an object store repository is mirrored (default: a directory
+    /// per process under the system temp dir).
+    pub repository_cache: Option<PathBuf>,
+    pub repository_poll: Duration,
+    pub repository_max_object_bytes: u64,
+    pub repository_max_bytes: u64,
     pub listen: SocketAddr,
     pub max_body_bytes: usize,
     pub request_timeout: Duration,
@@ -32,6 +41,12 @@ impl Default for Settings {
     fn default() -> Self {
         Settings {
             model_repository: PathBuf::from("./models"),
+            repository_url: None,
+            repository_cache: None,
+            repository_poll: Duration::from_secs(30),
+            // protobuf (so ONNX without external data) stops at 2 GiB.
+            repository_max_object_bytes: 2 << 30,
+            repository_max_bytes: 16 << 30,
             listen: SocketAddr::from(([127, 0, 0, 1], 8000)),
             max_body_bytes: 64 << 20,
             request_timeout: Duration::from_secs(30),
@@ -47,6 +62,8 @@ impl Default for Settings {
 }
 
 /// What the command line asks for.
+// Built once at startup: boxing the settings would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Command {
     Serve(Settings),
@@ -67,6 +84,12 @@ pub enum ConfigError {
         value: String,
         reason: &'static str,
     },
+    #[error("{name}: {value:?} {reason}")]
+    BadRepository {
+        name: String,
+        value: String,
+        reason: String,
+    },
 }
 
 /// Usage text for `--help`.
@@ -76,7 +99,13 @@ infermesh-sidecar: serves ONNX models over the Open Inference Protocol v2
 Usage: infermesh-sidecar [FLAGS]
 
 Flags (environment variable in brackets; flags win):
-  --model-repository DIR      model repository [INFERMESH_MODEL_REPOSITORY] (./models)
+  --model-repository DIR|URL  model repository: a directory, or s3://, gs://, az:// URL
+                              (or the cloud's https URL) [INFERMESH_MODEL_REPOSITORY] (./models)
+  --repository-poll-s N       object store poll interval [INFERMESH_REPOSITORY_POLL_S] (30)
+  --repository-cache DIR      object store mirror directory [INFERMESH_REPOSITORY_CACHE]
+                              (a fresh directory under the system temp dir)
+  --repository-max-object-bytes N  larger objects are not synced [INFERMESH_REPOSITORY_MAX_OBJECT_BYTES] (2147483648)
+  --repository-max-bytes N    larger repositories are not synced [INFERMESH_REPOSITORY_MAX_BYTES] (17179869184)
   --listen ADDR:PORT          listen address [INFERMESH_LISTEN] (127.0.0.1:8000)
   --max-body-bytes N          request body limit, 413 above [INFERMESH_MAX_BODY_BYTES] (67108864)
   --request-timeout-ms N      per-inference deadline, 504 after [INFERMESH_REQUEST_TIMEOUT_MS] (30000)
@@ -101,6 +130,22 @@ const FLAGS: &[Spec] = &[
     Spec {
         flag: "--model-repository",
         env: "INFERMESH_MODEL_REPOSITORY",
+    },
+    Spec {
+        flag: "--repository-poll-s",
+        env: "INFERMESH_REPOSITORY_POLL_S",
+    },
+    Spec {
+        flag: "--repository-cache",
+        env: "INFERMESH_REPOSITORY_CACHE",
+    },
+    Spec {
+        flag: "--repository-max-object-bytes",
+        env: "INFERMESH_REPOSITORY_MAX_OBJECT_BYTES",
+    },
+    Spec {
+        flag: "--repository-max-bytes",
+        env: "INFERMESH_REPOSITORY_MAX_BYTES",
     },
     Spec {
         flag: "--listen",
@@ -198,8 +243,31 @@ where
                 if value.is_empty() {
                     return Err(bad("is empty"));
                 }
-                s.model_repository = PathBuf::from(&value);
+                if crate::object_repo::is_url(&value) {
+                    crate::object_repo::parse_url(&value).map_err(|reason| {
+                        ConfigError::BadRepository {
+                            name: name.clone(),
+                            value: crate::object_repo::shown(&value),
+                            reason,
+                        }
+                    })?;
+                    s.repository_url = Some(value.clone());
+                } else {
+                    s.repository_url = None;
+                    s.model_repository = PathBuf::from(&value);
+                }
             }
+            "--repository-poll-s" => {
+                s.repository_poll = Duration::from_secs(num(1, 86_400)?);
+            }
+            "--repository-cache" => {
+                if value.is_empty() {
+                    return Err(bad("is empty"));
+                }
+                s.repository_cache = Some(PathBuf::from(&value));
+            }
+            "--repository-max-object-bytes" => s.repository_max_object_bytes = num(1, u64::MAX)?,
+            "--repository-max-bytes" => s.repository_max_bytes = num(1, u64::MAX)?,
             "--listen" => {
                 s.listen = value
                     .parse()
@@ -252,6 +320,42 @@ mod tests {
         assert_eq!(s.queue_capacity, 5);
         assert_eq!(s.log_format, LogFormat::Json);
         assert_eq!(s.model_repository, PathBuf::from("./models"));
+    }
+
+    #[test]
+    fn bucket_urls_set_the_remote_repository() {
+        let none = |_: &str| None;
+        let Command::Serve(s) = parse(
+            args(&[
+                "--model-repository",
+                "gs://bucket/models",
+                "--repository-poll-s",
+                "5",
+                "--repository-max-object-bytes=1000",
+            ]),
+            none,
+        )
+        .unwrap() else {
+            panic!("not serve");
+        };
+        assert_eq!(s.repository_url.as_deref(), Some("gs://bucket/models"));
+        assert_eq!(s.repository_poll, Duration::from_secs(5));
+        assert_eq!(s.repository_max_object_bytes, 1000);
+        for (a, want) in [
+            (
+                &["--model-repository", "ftp://h/x"][..],
+                "--model-repository",
+            ),
+            (
+                &["--model-repository", "s3://u:SECRET@b/x"][..],
+                "credentials",
+            ),
+            (&["--repository-poll-s", "0"][..], "--repository-poll-s"),
+        ] {
+            let e = parse(args(a), none).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+            assert!(!e.contains("SECRET"), "{e}");
+        }
     }
 
     #[test]

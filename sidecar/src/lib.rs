@@ -9,6 +9,7 @@ pub mod engine;
 pub mod json;
 pub mod metrics;
 pub mod model_repo;
+pub mod object_repo;
 pub mod protocol;
 pub mod registry;
 pub mod server;

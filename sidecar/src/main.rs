@@ -34,7 +34,7 @@ fn main() -> ExitCode {
             tracing::error!(error = format!("{e:#}"), "sidecar failed");
             let usage = e
                 .downcast_ref::<ServeError>()
-                .is_some_and(|e| matches!(e, ServeError::Repository(_)));
+                .is_some_and(|e| matches!(e, ServeError::Repository(_) | ServeError::Remote(_)));
             ExitCode::from(if usage { EXIT_USAGE } else { 1 })
         }
     }

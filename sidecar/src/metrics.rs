@@ -3,8 +3,8 @@
 //! exist in the repository, outcome is a fixed set.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 pub const REQUESTS_TOTAL: &str = "infermesh_sidecar_requests_total";
@@ -15,6 +15,11 @@ pub const BATCH_SIZE: &str = "infermesh_sidecar_batch_size";
 pub const PENDING_REQUESTS: &str = "infermesh_sidecar_pending_requests";
 pub const MODELS_LOADED: &str = "infermesh_sidecar_models_loaded";
 pub const HTTP_RESPONSES_TOTAL: &str = "infermesh_sidecar_http_responses_total";
+pub const SYNC_FAILURES_TOTAL: &str = "infermesh_sidecar_repository_sync_failures_total";
+pub const SYNC_DURATION: &str = "infermesh_sidecar_repository_sync_duration_seconds";
+pub const SYNC_BYTES_TOTAL: &str = "infermesh_sidecar_repository_sync_bytes_total";
+pub const SYNC_LAST_SUCCESS: &str =
+    "infermesh_sidecar_repository_last_sync_success_timestamp_seconds";
 
 /// Label for requests whose model is not in the repository (keeps label
 /// values bounded whatever clients send).
@@ -56,6 +61,11 @@ pub struct Metrics {
     pub pending: IntGaugeVec,
     pub models_loaded: IntGauge,
     pub http_responses: IntCounterVec,
+    /// Object store repositories only (zero for a local directory).
+    pub sync_failures: IntCounter,
+    pub sync_duration: Histogram,
+    pub sync_bytes: IntCounter,
+    pub sync_last_success: Gauge,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -111,6 +121,31 @@ impl Metrics {
             Opts::new(HTTP_RESPONSES_TOTAL, "HTTP responses by status code."),
             &["code"],
         )?;
+        let sync_failures = IntCounter::new(
+            SYNC_FAILURES_TOTAL,
+            "Object store repository sync passes that failed.",
+        )?;
+        let sync_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                SYNC_DURATION,
+                "Object store repository sync pass duration, in seconds.",
+            )
+            .buckets(vec![
+                0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 120.0, 600.0,
+            ]),
+        )?;
+        let sync_bytes = IntCounter::new(
+            SYNC_BYTES_TOTAL,
+            "Bytes downloaded from the object store repository.",
+        )?;
+        let sync_last_success = Gauge::new(
+            SYNC_LAST_SUCCESS,
+            "Unix time of the last successful repository sync pass (0: none yet).",
+        )?;
+        registry.register(Box::new(sync_failures.clone()))?;
+        registry.register(Box::new(sync_duration.clone()))?;
+        registry.register(Box::new(sync_bytes.clone()))?;
+        registry.register(Box::new(sync_last_success.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(request_duration.clone()))?;
         registry.register(Box::new(queue_duration.clone()))?;
@@ -129,6 +164,10 @@ impl Metrics {
             pending,
             models_loaded,
             http_responses,
+            sync_failures,
+            sync_duration,
+            sync_bytes,
+            sync_last_success,
         })
     }
 

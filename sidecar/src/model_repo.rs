@@ -33,6 +33,12 @@ pub enum RepoError {
     MissingFile { model: String, version: String },
     #[error("model {0}: version policy selects no version")]
     PolicyEmpty(String),
+    #[error("model {model} version {version}: {reason}")]
+    Unavailable {
+        model: String,
+        version: String,
+        reason: String,
+    },
     #[error("model repository cannot be read")]
     Unreadable,
 }
@@ -112,6 +118,10 @@ pub struct ModelPlan {
     pub skipped: Vec<(String, RepoError)>,
 }
 
+/// A file whose content says why a model or version cannot be served
+/// (written by the object store mirror, see `object_repo`).
+pub const UNAVAILABLE_MARKER: &str = ".infermesh-unavailable";
+
 /// Model names become path components; only a conservative alphabet passes.
 pub fn validate_name(name: &str) -> Result<(), RepoError> {
     let ok = !name.is_empty()
@@ -159,6 +169,13 @@ pub fn scan_model(root: &Path, name: &str) -> Result<ModelPlan, RepoError> {
     let dir = root.join(name);
     if !dir.is_dir() {
         return Err(RepoError::NotFound(name.to_string()));
+    }
+    // Set by the object store mirror when the model's files cannot be synced.
+    if let Ok(reason) = std::fs::read_to_string(dir.join(UNAVAILABLE_MARKER)) {
+        return Err(RepoError::Config {
+            model: name.to_string(),
+            reason,
+        });
     }
     let config = match std::fs::read(dir.join("config.json")) {
         Ok(bytes) => parse_config(&bytes).map_err(|reason| RepoError::Config {
@@ -217,6 +234,17 @@ pub fn scan_model(root: &Path, name: &str) -> Result<ModelPlan, RepoError> {
                 path,
                 config: config.clone(),
             });
+        } else if let Ok(reason) =
+            std::fs::read_to_string(dir.join(&version).join(UNAVAILABLE_MARKER))
+        {
+            plan.skipped.push((
+                version.clone(),
+                RepoError::Unavailable {
+                    model: name.to_string(),
+                    version,
+                    reason,
+                },
+            ));
         } else {
             plan.skipped.push((
                 version.clone(),

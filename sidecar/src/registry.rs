@@ -2,7 +2,7 @@
 //! version they use, so unloading only removes it from the map and
 //! in-flight requests finish on it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -164,6 +164,17 @@ impl Registry {
     /// its policy selects, then swaps them in at once. On failure the
     /// versions already serving keep serving.
     pub async fn load(&self, name: &str) -> Result<Vec<String>, LoadError> {
+        self.load_keeping(name, &BTreeSet::new()).await
+    }
+
+    /// As [`Registry::load`], but versions in `keep` that are serving now
+    /// are kept as they are instead of being read again (their files did
+    /// not change).
+    pub async fn load_keeping(
+        &self,
+        name: &str,
+        keep: &BTreeSet<u64>,
+    ) -> Result<Vec<String>, LoadError> {
         model_repo::validate_name(name)?;
         let lock = self.lock_for(name);
         let _guard = lock.lock().await;
@@ -189,7 +200,15 @@ impl Registry {
         let mut loaded = BTreeMap::new();
         for spec in plan.versions {
             let version = spec.version.clone();
-            match self.load_version(spec).await {
+            let serving = keep
+                .contains(&spec.version_num)
+                .then(|| self.get(name, Some(&version)))
+                .flatten();
+            let result = match serving {
+                Some(v) => Ok(v),
+                None => self.load_version(spec).await,
+            };
+            match result {
                 Ok(v) => {
                     tracing::info!(model = %name, version = %version, "model version loaded");
                     index.push(IndexEntry {

@@ -16,6 +16,7 @@ use tokio::task::JoinSet;
 use crate::api::{self, AppState};
 use crate::config::Settings;
 use crate::metrics::Metrics;
+use crate::object_repo::{self, Mirror, SyncLimits};
 use crate::registry::{Limits, Registry};
 
 /// Starting the server failed.
@@ -29,6 +30,8 @@ pub enum ServeError {
     },
     #[error("model repository {0} is not a readable directory")]
     Repository(String),
+    #[error("{0}")]
+    Remote(String),
     #[error("metrics registry")]
     Metrics(#[from] prometheus::Error),
 }
@@ -39,6 +42,8 @@ pub struct Server {
     pub state: Arc<AppState>,
     shutdown: watch::Sender<bool>,
     accept: tokio::task::JoinHandle<JoinSet<()>>,
+    /// A default object store cache, deleted on shutdown.
+    owned_cache: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for Server {
@@ -50,14 +55,42 @@ impl std::fmt::Debug for Server {
 /// Binds `settings.listen` and starts serving; models load in the
 /// background (readiness stays false until that is done).
 pub async fn start(settings: Settings) -> Result<Server, ServeError> {
-    if !settings.model_repository.is_dir() {
-        return Err(ServeError::Repository(
-            settings.model_repository.display().to_string(),
-        ));
-    }
+    let mut owned_cache = None;
+    let (root, mirror) = match &settings.repository_url {
+        Some(url) => {
+            let parsed = object_repo::parse_url(url).map_err(|reason| {
+                ServeError::Remote(format!("{}: {reason}", object_repo::shown(url)))
+            })?;
+            let cache = match &settings.repository_cache {
+                Some(dir) => dir.clone(),
+                None => {
+                    // Ours alone: removed again on shutdown.
+                    let dir = std::env::temp_dir()
+                        .join(format!("infermesh-sidecar-cache-{}", std::process::id()));
+                    owned_cache = Some(dir.clone());
+                    dir
+                }
+            };
+            let limits = SyncLimits {
+                max_object_bytes: settings.repository_max_object_bytes,
+                max_total_bytes: settings.repository_max_bytes,
+            };
+            let mirror = Mirror::new(parsed, cache.clone(), limits)
+                .map_err(|e| ServeError::Remote(e.to_string()))?;
+            (cache, Some(mirror))
+        }
+        None => {
+            if !settings.model_repository.is_dir() {
+                return Err(ServeError::Repository(
+                    settings.model_repository.display().to_string(),
+                ));
+            }
+            (settings.model_repository.clone(), None)
+        }
+    };
     let metrics = Metrics::new()?;
     let registry = Arc::new(Registry::new(
-        settings.model_repository.clone(),
+        root,
         Limits {
             queue_capacity: settings.queue_capacity,
             instances: settings.instances,
@@ -75,7 +108,10 @@ pub async fn start(settings: Settings) -> Result<Server, ServeError> {
         source,
     })?;
     let state = Arc::new(AppState::new(settings, registry.clone(), metrics));
-    {
+    if let Some(mirror) = mirror {
+        tracing::info!(url = %mirror.url(), cache = %mirror.cache().display(), "model repository in object storage");
+        tokio::spawn(object_repo::run(mirror, state.clone()));
+    } else {
         let state = state.clone();
         tokio::spawn(async move {
             if let Err(e) = registry.load_all().await {
@@ -93,6 +129,7 @@ pub async fn start(settings: Settings) -> Result<Server, ServeError> {
         state,
         shutdown,
         accept,
+        owned_cache,
     })
 }
 
@@ -112,6 +149,9 @@ impl Server {
                 .is_ok();
         if !drained {
             conns.abort_all();
+        }
+        if let Some(dir) = &self.owned_cache {
+            let _ = std::fs::remove_dir_all(dir);
         }
         drained
     }
