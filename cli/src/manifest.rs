@@ -2,8 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
-use serde_json::{Map, Number, Value};
-use yaml_rust2::{Yaml, YamlLoader};
+use serde_json::{Map, Value};
+use yaml_rust2::YamlLoader;
 
 /// A pluginConfig schema, named as in `app.kubernetes.io/component` and
 /// `examples/config/<name>.json`: the module's (`infermesh`, a section per
@@ -86,38 +86,12 @@ pub enum ManifestError {
     },
     #[error("{path}: invalid YAML: {message}")]
     Yaml { path: PathBuf, message: String },
+    #[error("{message}")]
+    Walk { message: String },
 }
 
-/// Converts a YAML node to JSON. Map keys that are not strings are
-/// rendered, so nothing is silently dropped.
-pub fn to_json(y: &Yaml) -> Value {
-    match y {
-        Yaml::Real(s) => s
-            .parse::<f64>()
-            .ok()
-            .and_then(Number::from_f64)
-            .map_or(Value::Null, Value::Number),
-        Yaml::Integer(i) => Value::Number((*i).into()),
-        Yaml::String(s) => Value::String(s.clone()),
-        Yaml::Boolean(b) => Value::Bool(*b),
-        Yaml::Array(a) => Value::Array(a.iter().map(to_json).collect()),
-        Yaml::Hash(h) => Value::Object(
-            h.iter()
-                .map(|(k, v)| {
-                    let key = match k {
-                        Yaml::String(s) => s.clone(),
-                        Yaml::Integer(i) => i.to_string(),
-                        Yaml::Real(r) => r.clone(),
-                        Yaml::Boolean(b) => b.to_string(),
-                        other => format!("{other:?}"),
-                    };
-                    (key, to_json(v))
-                })
-                .collect::<Map<_, _>>(),
-        ),
-        Yaml::Null | Yaml::BadValue | Yaml::Alias(_) => Value::Null,
-    }
-}
+/// Converts a YAML node to JSON (shared with the Istio renderer).
+pub use mesh::istio::yaml_to_json as to_json;
 
 const WASM_FILTER_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm";
 
@@ -199,27 +173,5 @@ pub fn wasm_plugins(path: &Path) -> Result<Vec<WasmPlugin>, ManifestError> {
 
 /// YAML files under `dir`, sorted, recursively.
 pub fn yaml_files(dir: &Path) -> Result<Vec<PathBuf>, ManifestError> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_owned()];
-    while let Some(d) = stack.pop() {
-        let entries = std::fs::read_dir(&d).map_err(|source| ManifestError::Read {
-            path: d.clone(),
-            source,
-        })?;
-        for entry in entries {
-            let p = entry
-                .map_err(|source| ManifestError::Read {
-                    path: d.clone(),
-                    source,
-                })?
-                .path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if p.extension().is_some_and(|e| e == "yaml" || e == "yml") {
-                out.push(p);
-            }
-        }
-    }
-    out.sort();
-    Ok(out)
+    mesh::istio::yaml_files(dir).map_err(|message| ManifestError::Walk { message })
 }

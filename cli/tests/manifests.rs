@@ -40,7 +40,8 @@ fn every_example_config_parses() {
 fn a_broken_pluginconfig_in_a_manifest_is_named() {
     let dir = std::env::temp_dir().join(format!("infermesh-manifest-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let text = std::fs::read_to_string(repo("istio/path-routing/infermesh-wasmplugin.yaml")).unwrap();
+    let text =
+        std::fs::read_to_string(repo("istio/path-routing/infermesh-wasmplugin.yaml")).unwrap();
     // Break the first split's weights: 90/10 -> 90/20.
     let broken = text.replacen("weight: 10\n", "weight: 20\n", 1);
     assert_ne!(broken, text, "the manifest changed shape; update this test");
@@ -71,7 +72,8 @@ fn yaml_files_are_found_recursively() {
 fn a_broken_config_in_an_envoyfilter_is_named() {
     let dir = std::env::temp_dir().join(format!("infermesh-envoyfilter-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let text = std::fs::read_to_string(repo("istio/body-routing/infermesh-envoyfilter.yaml")).unwrap();
+    let text =
+        std::fs::read_to_string(repo("istio/body-routing/infermesh-envoyfilter.yaml")).unwrap();
     let broken = text.replacen("\"max_bytes\": 262144", "\"max_bytes\": 0", 1);
     assert_ne!(broken, text, "the manifest changed shape; update this test");
     std::fs::write(dir.join("broken.yaml"), broken).unwrap();
@@ -111,7 +113,8 @@ fn istio_readme_declares_every_stat_tag() {
 fn a_broken_failover_pluginconfig_is_named() {
     let dir = std::env::temp_dir().join(format!("infermesh-failover-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let text = std::fs::read_to_string(repo("istio/path-routing/infermesh-wasmplugin.yaml")).unwrap();
+    let text =
+        std::fs::read_to_string(repo("istio/path-routing/infermesh-wasmplugin.yaml")).unwrap();
     // A probe timeout longer than the interval would let rounds overlap.
     let broken = text.replacen("timeout_ms: 1000\n", "timeout_ms: 6000\n", 1);
     assert_ne!(broken, text, "the manifest changed shape; update this test");

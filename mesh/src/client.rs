@@ -197,10 +197,11 @@ pub(crate) async fn exchange(
     addr: SocketAddr,
     req: Req,
 ) -> Result<(hyper::http::response::Parts, Bytes, bool), String> {
-    let mut builder = Request::builder()
-        .method(req.method)
-        .uri(&req.path)
-        .header(hyper::header::HOST, "infermesh.test");
+    let mut builder = Request::builder().method(req.method).uri(&req.path);
+    // A `host` header in the request replaces the default one.
+    if !req.headers.iter().any(|(n, _)| n == hyper::header::HOST) {
+        builder = builder.header(hyper::header::HOST, "infermesh.test");
+    }
     if let Some(h) = builder.headers_mut() {
         h.extend(req.headers);
     }
