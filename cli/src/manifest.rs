@@ -175,3 +175,74 @@ pub fn wasm_plugins(path: &Path) -> Result<Vec<WasmPlugin>, ManifestError> {
 pub fn yaml_files(dir: &Path) -> Result<Vec<PathBuf>, ManifestError> {
     mesh::istio::yaml_files(dir).map_err(|message| ManifestError::Walk { message })
 }
+
+/// A Kubernetes object read from a manifest file.
+#[derive(Debug, Clone)]
+pub struct Doc {
+    pub file: PathBuf,
+    pub json: Value,
+}
+
+impl Doc {
+    pub fn kind(&self) -> &str {
+        self.json["kind"].as_str().unwrap_or("")
+    }
+
+    pub fn name(&self) -> &str {
+        self.json["metadata"]["name"].as_str().unwrap_or("?")
+    }
+
+    /// `metadata.namespace`, `default` when unset.
+    pub fn namespace(&self) -> &str {
+        self.json["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("default")
+    }
+
+    /// `Kind namespace/name`, as messages name it.
+    pub fn id(&self) -> String {
+        format!("{} {}/{}", self.kind(), self.namespace(), self.name())
+    }
+
+    /// `file#Kind namespace/name`.
+    pub fn what(&self) -> String {
+        format!("{}#{}", self.file.display(), self.id())
+    }
+
+    pub fn spec(&self) -> &Value {
+        &self.json["spec"]
+    }
+}
+
+/// Every object in the YAML files at `paths` (files or directories), in
+/// file-name order.
+pub fn load_docs(paths: &[PathBuf]) -> Result<Vec<Doc>, ManifestError> {
+    let mut out = Vec::new();
+    for p in paths {
+        let files = if p.is_dir() {
+            yaml_files(p)?
+        } else {
+            vec![p.clone()]
+        };
+        for file in files {
+            let text = std::fs::read_to_string(&file).map_err(|source| ManifestError::Read {
+                path: file.clone(),
+                source,
+            })?;
+            let docs = YamlLoader::load_from_str(&text).map_err(|e| ManifestError::Yaml {
+                path: file.clone(),
+                message: e.to_string(),
+            })?;
+            out.extend(
+                docs.iter()
+                    .map(to_json)
+                    .filter(|d| d.get("kind").is_some())
+                    .map(|json| Doc {
+                        file: file.clone(),
+                        json,
+                    }),
+            );
+        }
+    }
+    Ok(out)
+}
