@@ -383,26 +383,27 @@ pub enum Protocol {
     Other,
 }
 
-/// A Kubernetes Service port's protocol: `appProtocol` first, else the
-/// port name's prefix before `-` (pkg/config/kube/conversion.go
-/// `ConvertProtocol`, pkg/config/protocol/instance.go `Parse`); HTTP,
-/// HTTP2, gRPC(-web) give an HTTP listener, anything else (unnamed ports
-/// included) a TCP one.
+/// A Kubernetes Service port's protocol (pkg/config/kube/conversion.go
+/// `ConvertProtocol`): `appProtocol` if set (with Kubernetes' `h2c` and
+/// `ws` names), else the port name; `grpc-web…` first, else the part
+/// before the first `-`, parsed case-insensitively
+/// (pkg/config/protocol/instance.go `Parse`). HTTP, HTTP2, http_proxy,
+/// gRPC and gRPC-Web give an HTTP listener (`IsHTTP`); anything else,
+/// unnamed ports included, a TCP one.
 pub fn kube_port_protocol(name: Option<&str>, app_protocol: Option<&str>) -> Protocol {
-    let from = |s: &str| match s.to_ascii_lowercase().as_str() {
-        "http" | "http2" | "grpc" | "grpc-web" | "h2c" => Some(Protocol::Http),
-        "" => None,
-        _ => Some(Protocol::Other),
+    let name = match app_protocol {
+        Some("kubernetes.io/h2c" | "kubernetes.io/ws") => return Protocol::Http,
+        Some(app) => app,
+        None => name.unwrap_or(""),
     };
-    if let Some(p) = app_protocol.and_then(from) {
-        return p;
-    }
-    let name = name.unwrap_or("");
-    let prefix = name.split('-').next().unwrap_or("");
-    if name.to_ascii_lowercase().starts_with("grpc-web") {
+    let lower = name.to_ascii_lowercase();
+    if lower.starts_with("grpc-web") {
         return Protocol::Http;
     }
-    from(prefix).unwrap_or(Protocol::Other)
+    match lower.split('-').next().unwrap_or("") {
+        "http" | "http2" | "http_proxy" | "grpc" => Protocol::Http,
+        _ => Protocol::Other,
+    }
 }
 
 /// A ServiceEntry port's `protocol` field (pkg/config/protocol/instance.go).
@@ -469,8 +470,8 @@ fn services(m: &Manifests) -> Vec<Service> {
 }
 
 /// A VirtualService or DestinationRule host, short names resolved in the
-/// resource's namespace (pilot/pkg/model/virtualservice.go
-/// `resolveVirtualServiceShortnames`, pkg/config/host `ResolveShortname`).
+/// resource's namespace (pilot/pkg/model/config.go
+/// `ResolveShortnameToFQDN`).
 fn resolve_host(host: &str, ns: &str) -> String {
     if host.contains('.') || host.contains('*') {
         host.to_owned()
@@ -1203,6 +1204,12 @@ mod tests {
             kube_port_protocol(Some("http"), Some("tcp")),
             Protocol::Other
         );
+        assert_eq!(kube_port_protocol(Some("HTTP2-x"), None), Protocol::Http);
+        assert_eq!(
+            kube_port_protocol(Some("tcp"), Some("kubernetes.io/h2c")),
+            Protocol::Http
+        );
+        assert_eq!(kube_port_protocol(Some("https-x"), None), Protocol::Other);
     }
 
     const MESH: &str = r#"
