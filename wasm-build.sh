@@ -56,14 +56,15 @@ for f in "${filters[@]}"; do args+=("$f=$out/$f.wasm"); done
 python3 "$root/scripts/oci_image.py" "$out/oci" "${args[@]}"
 
 # istio/ with the digests of this build: the WasmPlugin's `sha256` set to
-# the OCI manifest digest Istio verifies for oci:// URLs (and its url to
+# the OCI manifest digest Istio verifies for oci:// URLs, so it can be
+# pulled IfNotPresent (and its url to
 # $INFERMESH_IMAGE when set, e.g. registry.example.com/infermesh/infermesh:0.1.0),
 # so a re-pushed tag is never served from a stale cache.
 digest="$(cat "$out/oci/infermesh.manifest.sha256")"
 rm -rf "$out/istio"
 cp -r "$root/istio" "$out/istio"
 plugin="$out/istio/path-routing/infermesh-wasmplugin.yaml"
-sed -i "s|^  # sha256: .*|  sha256: $digest|" "$plugin"
+sed -i "s|^  # sha256: .*|  sha256: $digest|; s|^  imagePullPolicy: Always|  imagePullPolicy: IfNotPresent|" "$plugin"
 if [ -n "${INFERMESH_IMAGE:-}" ]; then
   sed -i "s|^  url: oci://.*|  url: oci://${INFERMESH_IMAGE}|" "$plugin"
 fi

@@ -29,7 +29,13 @@ USAGE:
       Check pluginConfig files (*.json; the filter is taken from the file
       name, e.g. canary.json or failover-eu.json, or --filter) and the
       pluginConfig of every WasmPlugin in YAML manifests or directories of
-      them, with the filters' own parsers. Exit 1 if any is invalid.
+      them, with the filters' own parsers; then the manifests together,
+      as Istio applies them (a directory with base/ is checked as base/
+      plus each sibling folder; several paths as one install): plugins
+      without ports, FAIL_CLOSE on a broad match, sha256 unset with
+      IfNotPresent, two module filters on one workload, Istio retries on
+      routes failover replays, failover clusters without a ServiceEntry,
+      non-HTTP model Service ports. Exit 1 if anything fails.
   infermesh explain --config FILE [--filter NAME] --path PATH
                     [-X METHOD] [-H 'name: value']...
                     [--body JSON | --body-file FILE]
@@ -111,10 +117,17 @@ fn run_validate(args: &[String]) -> Result<ExitCode, String> {
     if paths.is_empty() {
         return Err(format!("validate needs at least one path\n\n{USAGE}"));
     }
-    let findings: Vec<_> = paths
+    let mut findings: Vec<_> = paths
         .iter()
         .flat_map(|p| validate::check_path(p, filter))
         .collect();
+    // Manifests are also checked together, as Istio applies them.
+    let manifests: Vec<PathBuf> = paths
+        .iter()
+        .filter(|p| p.is_dir() || p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+        .cloned()
+        .collect();
+    findings.extend(validate::check_installs(&manifests));
     let mut bad = 0;
     for f in &findings {
         match &f.error {

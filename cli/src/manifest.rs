@@ -2,8 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
-use serde_json::{Map, Number, Value};
-use yaml_rust2::{Yaml, YamlLoader};
+use serde_json::{Map, Value};
+use yaml_rust2::YamlLoader;
 
 /// A pluginConfig schema, named as in `app.kubernetes.io/component` and
 /// `examples/config/<name>.json`: the module's (`infermesh`, a section per
@@ -86,38 +86,12 @@ pub enum ManifestError {
     },
     #[error("{path}: invalid YAML: {message}")]
     Yaml { path: PathBuf, message: String },
+    #[error("{message}")]
+    Walk { message: String },
 }
 
-/// Converts a YAML node to JSON. Map keys that are not strings are
-/// rendered, so nothing is silently dropped.
-pub fn to_json(y: &Yaml) -> Value {
-    match y {
-        Yaml::Real(s) => s
-            .parse::<f64>()
-            .ok()
-            .and_then(Number::from_f64)
-            .map_or(Value::Null, Value::Number),
-        Yaml::Integer(i) => Value::Number((*i).into()),
-        Yaml::String(s) => Value::String(s.clone()),
-        Yaml::Boolean(b) => Value::Bool(*b),
-        Yaml::Array(a) => Value::Array(a.iter().map(to_json).collect()),
-        Yaml::Hash(h) => Value::Object(
-            h.iter()
-                .map(|(k, v)| {
-                    let key = match k {
-                        Yaml::String(s) => s.clone(),
-                        Yaml::Integer(i) => i.to_string(),
-                        Yaml::Real(r) => r.clone(),
-                        Yaml::Boolean(b) => b.to_string(),
-                        other => format!("{other:?}"),
-                    };
-                    (key, to_json(v))
-                })
-                .collect::<Map<_, _>>(),
-        ),
-        Yaml::Null | Yaml::BadValue | Yaml::Alias(_) => Value::Null,
-    }
-}
+/// Converts a YAML node to JSON (shared with the Istio renderer).
+pub use mesh::istio::yaml_to_json as to_json;
 
 const WASM_FILTER_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm";
 
@@ -199,27 +173,76 @@ pub fn wasm_plugins(path: &Path) -> Result<Vec<WasmPlugin>, ManifestError> {
 
 /// YAML files under `dir`, sorted, recursively.
 pub fn yaml_files(dir: &Path) -> Result<Vec<PathBuf>, ManifestError> {
+    mesh::istio::yaml_files(dir).map_err(|message| ManifestError::Walk { message })
+}
+
+/// A Kubernetes object read from a manifest file.
+#[derive(Debug, Clone)]
+pub struct Doc {
+    pub file: PathBuf,
+    pub json: Value,
+}
+
+impl Doc {
+    pub fn kind(&self) -> &str {
+        self.json["kind"].as_str().unwrap_or("")
+    }
+
+    pub fn name(&self) -> &str {
+        self.json["metadata"]["name"].as_str().unwrap_or("?")
+    }
+
+    /// `metadata.namespace`, `default` when unset.
+    pub fn namespace(&self) -> &str {
+        self.json["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("default")
+    }
+
+    /// `Kind namespace/name`, as messages name it.
+    pub fn id(&self) -> String {
+        format!("{} {}/{}", self.kind(), self.namespace(), self.name())
+    }
+
+    /// `file#Kind namespace/name`.
+    pub fn what(&self) -> String {
+        format!("{}#{}", self.file.display(), self.id())
+    }
+
+    pub fn spec(&self) -> &Value {
+        &self.json["spec"]
+    }
+}
+
+/// Every object in the YAML files at `paths` (files or directories), in
+/// file-name order.
+pub fn load_docs(paths: &[PathBuf]) -> Result<Vec<Doc>, ManifestError> {
     let mut out = Vec::new();
-    let mut stack = vec![dir.to_owned()];
-    while let Some(d) = stack.pop() {
-        let entries = std::fs::read_dir(&d).map_err(|source| ManifestError::Read {
-            path: d.clone(),
-            source,
-        })?;
-        for entry in entries {
-            let p = entry
-                .map_err(|source| ManifestError::Read {
-                    path: d.clone(),
-                    source,
-                })?
-                .path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if p.extension().is_some_and(|e| e == "yaml" || e == "yml") {
-                out.push(p);
-            }
+    for p in paths {
+        let files = if p.is_dir() {
+            yaml_files(p)?
+        } else {
+            vec![p.clone()]
+        };
+        for file in files {
+            let text = std::fs::read_to_string(&file).map_err(|source| ManifestError::Read {
+                path: file.clone(),
+                source,
+            })?;
+            let docs = YamlLoader::load_from_str(&text).map_err(|e| ManifestError::Yaml {
+                path: file.clone(),
+                message: e.to_string(),
+            })?;
+            out.extend(
+                docs.iter()
+                    .map(to_json)
+                    .filter(|d| d.get("kind").is_some())
+                    .map(|json| Doc {
+                        file: file.clone(),
+                        json,
+                    }),
+            );
         }
     }
-    out.sort();
     Ok(out)
 }

@@ -19,7 +19,7 @@ fn validate_reports_each_config_and_fails_on_a_bad_one() {
     let ok = run(&["validate", "istio", "examples/config/canary.json"]);
     assert!(ok.status.success(), "{}", stdout(&ok));
     assert!(
-        stdout(&ok).contains("validate: 3 passed, 0 failed"),
+        stdout(&ok).contains("validate: 5 passed, 0 failed"),
         "{}",
         stdout(&ok)
     );

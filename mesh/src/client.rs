@@ -198,7 +198,7 @@ pub(crate) async fn exchange(
     req: Req,
 ) -> Result<(hyper::http::response::Parts, Bytes, bool), String> {
     let mut builder = Request::builder().method(req.method).uri(&req.path);
-    // A request may name its own host (`Req::header("host", ..)`).
+    // A `host` header in the request replaces the default one.
     if !req.headers.iter().any(|(n, _)| n == hyper::header::HOST) {
         builder = builder.header(hyper::header::HOST, "infermesh.test");
     }

@@ -67,6 +67,15 @@ impl Envoy {
     /// The admin address must be on loopback and the listener to wait for
     /// must be named `outbound`.
     pub async fn try_start_json(bootstrap: &serde_json::Value) -> Result<Envoy, StartFailure> {
+        Envoy::try_start_json_on(bootstrap, "outbound").await
+    }
+
+    /// Starts Envoy on any bootstrap JSON and waits for the listener named
+    /// `listener` (its address becomes [`Envoy::listener`]).
+    pub async fn try_start_json_on(
+        bootstrap: &serde_json::Value,
+        listener: &str,
+    ) -> Result<Envoy, StartFailure> {
         let bin = crate::envoy_bin().unwrap_or_else(|| {
             panic!("no Envoy binary: call require_envoy! at the top of the test")
         });
@@ -111,7 +120,7 @@ impl Envoy {
             admin: SocketAddr::from(([127, 0, 0, 1], 0)),
             listener: SocketAddr::from(([127, 0, 0, 1], 0)),
         };
-        match envoy.wait_ready(&admin_file).await {
+        match envoy.wait_ready(&admin_file, listener).await {
             Ok(()) => Ok(envoy),
             Err(reason) => {
                 let exited = envoy.child.try_wait().ok().flatten();
@@ -126,7 +135,11 @@ impl Envoy {
         }
     }
 
-    async fn wait_ready(&mut self, admin_file: &std::path::Path) -> Result<(), String> {
+    async fn wait_ready(
+        &mut self,
+        admin_file: &std::path::Path,
+        listener: &str,
+    ) -> Result<(), String> {
         let deadline = Instant::now() + START_DEADLINE;
         let mut stage = "admin address file";
         while Instant::now() < deadline {
@@ -147,7 +160,7 @@ impl Envoy {
                 let ready = Client::new(self.admin).try_send(Req::get("/ready")).await;
                 if ready.is_ok_and(|r| r.status == 200) {
                     stage = "listener";
-                    self.listener = self.listener_addr().await?;
+                    self.listener = self.listener_named(listener).await?;
                 }
             } else if tokio::net::TcpStream::connect(self.listener).await.is_ok() {
                 return Ok(());
@@ -159,8 +172,9 @@ impl Envoy {
         ))
     }
 
-    /// The outbound listener's address, from `/listeners?format=json`.
-    async fn listener_addr(&self) -> Result<SocketAddr, String> {
+    /// The address of the listener named `name`, from
+    /// `/listeners?format=json`.
+    pub async fn listener_named(&self, name: &str) -> Result<SocketAddr, String> {
         let resp = Client::new(self.admin)
             .try_send(Req::get("/listeners?format=json"))
             .await?;
@@ -168,14 +182,14 @@ impl Envoy {
             .map_err(|e| format!("/listeners is not JSON ({e}): {}", resp.text()))?;
         let sock = v["listener_statuses"]
             .as_array()
-            .and_then(|l| l.iter().find(|l| l["name"] == "outbound"))
+            .and_then(|l| l.iter().find(|l| l["name"] == name))
             .map(|l| &l["local_address"]["socket_address"])
-            .ok_or_else(|| format!("no outbound listener in /listeners: {v}"))?;
+            .ok_or_else(|| format!("no {name} listener in /listeners: {v}"))?;
         let port = sock["port_value"]
             .as_u64()
             .and_then(|p| u16::try_from(p).ok())
             .filter(|&p| p != 0)
-            .ok_or_else(|| format!("outbound listener has no port yet: {sock}"))?;
+            .ok_or_else(|| format!("{name} listener has no port yet: {sock}"))?;
         Ok(SocketAddr::from(([127, 0, 0, 1], port)))
     }
 

@@ -16,6 +16,7 @@
 pub mod bootstrap;
 pub mod client;
 pub mod envoy;
+pub mod istio;
 pub mod load;
 pub mod native;
 pub mod sidecar;
