@@ -33,7 +33,7 @@ mod request;
 mod router;
 mod router_metrics;
 
-use std::cell::{Cell, RefCell};
+use std::cell::{Cell, RefCell, RefMut};
 use std::collections::BTreeMap;
 use std::rc::{Rc, Weak};
 use std::time::Duration;
@@ -361,6 +361,19 @@ impl Drop for Stream {
     }
 }
 
+impl Stream {
+    /// The stages and the stream's state, for a callback after the request
+    /// headers; `None` when the module stays out of this stream (another
+    /// host, its own reply sent) or the state is borrowed: a local reply
+    /// sent while it is comes back here synchronously, and it is the
+    /// module's own answer, so it passes.
+    fn active(&self) -> Option<(Rc<Stages>, RefMut<'_, Inner>)> {
+        let stages = self.stages.clone()?;
+        let inner = self.inner.try_borrow_mut().ok()?;
+        (!inner.done).then_some((stages, inner))
+    }
+}
+
 impl Context for Stream {
     fn on_http_call_response(
         &mut self,
@@ -387,8 +400,6 @@ impl HttpContext for Stream {
             filter_shim::send_json_error(self, 503, NOT_CONFIGURED);
             return Action::Pause;
         };
-        // A local reply sent while the state is borrowed comes back here
-        // synchronously: it is the module's own answer, let it pass.
         if let Some(hosts) = &stages.hosts {
             let authority = Host
                 .get_http_request_header_bytes(":authority")
@@ -400,6 +411,7 @@ impl HttpContext for Stream {
                 return Action::Continue;
             }
         }
+        // Borrowed: a local reply coming back synchronously (see `active`).
         let Ok(mut inner) = self.inner.try_borrow_mut() else {
             return Action::Continue;
         };
@@ -439,17 +451,9 @@ impl HttpContext for Stream {
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        let Some(stages) = self.stages.clone() else {
+        let Some((stages, mut inner)) = self.active() else {
             return Action::Continue;
         };
-        // A local reply sent while the state is borrowed comes back here
-        // synchronously: it is the module's own answer, let it pass.
-        let Ok(mut inner) = self.inner.try_borrow_mut() else {
-            return Action::Continue;
-        };
-        if inner.done {
-            return Action::Continue;
-        }
         if let (Some(router), Some(mut hdrs)) = (&stages.router, inner.hdrs.take()) {
             stages.waits.body_seen(self.context_id);
             let Some(step) = router.on_body(&Host, &mut hdrs, body_size, end_of_stream) else {
@@ -471,17 +475,9 @@ impl HttpContext for Stream {
     }
 
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
-        let Some(stages) = self.stages.clone() else {
+        let Some((stages, mut inner)) = self.active() else {
             return Action::Continue;
         };
-        // A local reply sent while the state is borrowed comes back here
-        // synchronously: it is the module's own answer, let it pass.
-        let Ok(mut inner) = self.inner.try_borrow_mut() else {
-            return Action::Continue;
-        };
-        if inner.done {
-            return Action::Continue;
-        }
         if let (Some(router), Some(mut hdrs)) = (&stages.router, inner.hdrs.take()) {
             stages.waits.body_seen(self.context_id);
             let step = router.on_trailers(&Host, &mut hdrs);
@@ -503,17 +499,9 @@ impl HttpContext for Stream {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        let Some(stages) = self.stages.clone() else {
+        let Some((stages, mut inner)) = self.active() else {
             return Action::Continue;
         };
-        // A local reply sent while the state is borrowed comes back here
-        // synchronously: it is the module's own answer, let it pass.
-        let Ok(mut inner) = self.inner.try_borrow_mut() else {
-            return Action::Continue;
-        };
-        if inner.done {
-            return Action::Continue;
-        }
         let mut from_failover = false;
         if let Some(f) = inner.failover.as_mut() {
             let mut served_at = None;
