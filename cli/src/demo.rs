@@ -110,10 +110,8 @@ pub async fn run(root: &Path, port: u16) -> Result<String, String> {
     let body = infer_body(&digit);
     let ramp_at = now_s() + RAMP_AFTER_S;
     let opts = Options {
-        root: root.to_owned(),
-        port,
-        canary_percent: 10.0,
         step: Some((ramp_at, 50.0)),
+        ..Options::new(root.to_owned(), port, 10.0)
     };
     eprintln!("infermesh: starting the local mesh (three clouds, Envoy with the filters)...");
     let mut mesh = LocalMesh::start(&opts).await?;

@@ -7,6 +7,9 @@
 //! sidecar serves exactly the version canary picked; a route per cloud
 //! without a version; a default route to the first cloud.
 
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -73,6 +76,82 @@ pub struct Options {
     pub canary_percent: f64,
     /// Optional schedule step: `(start_unix_s, percent)`.
     pub step: Option<(u64, f64)>,
+    /// The `--model-repository` of a cloud's sidecar (a directory or a
+    /// bucket URL), by cloud name; a cloud not named serves
+    /// `examples/models`.
+    pub repositories: BTreeMap<String, String>,
+    /// The sidecars' `--repository-poll-s` (their default when `None`).
+    pub poll_s: Option<u32>,
+}
+
+impl Options {
+    /// Options for the example repository on every cloud.
+    pub fn new(root: PathBuf, port: u16, canary_percent: f64) -> Options {
+        Options {
+            root,
+            port,
+            canary_percent,
+            step: None,
+            repositories: BTreeMap::new(),
+            poll_s: None,
+        }
+    }
+
+    /// The model repository cloud `name` serves.
+    pub fn repository(&self, name: &str) -> OsString {
+        match self.repositories.get(name) {
+            Some(r) => OsString::from(r),
+            None => self.root.join("examples/models").into_os_string(),
+        }
+    }
+}
+
+/// Reads one `--model-repository` value of `infermesh up` into `into`:
+/// `CLOUD=DIR|URL` for one cloud, `DIR|URL` for every cloud. A directory
+/// is made absolute (the sidecars run from the checkout).
+pub fn add_repository(into: &mut BTreeMap<String, String>, value: &str) -> Result<(), String> {
+    let (clouds, repo): (Vec<&str>, &str) = match value.split_once('=') {
+        Some((name, repo)) if CLOUDS.iter().any(|c| c.name == name) => (vec![name], repo),
+        Some((name, _))
+            if !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') =>
+        {
+            return Err(format!(
+                "--model-repository {value:?}: no cloud {name:?} (clouds: {})",
+                cloud_names()
+            ));
+        }
+        _ => (CLOUDS.iter().map(|c| c.name).collect(), value),
+    };
+    if repo.is_empty() {
+        return Err(format!(
+            "--model-repository {value:?}: empty repository (a directory or s3://, gs://, az:// URL)"
+        ));
+    }
+    let repo = if repo.contains("://") {
+        repo.to_owned()
+    } else {
+        let dir = Path::new(repo);
+        if !dir.is_dir() {
+            return Err(format!(
+                "--model-repository {value:?}: {repo} is not a directory (nor a bucket URL)"
+            ));
+        }
+        std::path::absolute(dir)
+            .map_err(|e| format!("--model-repository {value:?}: {e}"))?
+            .display()
+            .to_string()
+    };
+    for c in clouds {
+        into.insert(c.to_owned(), repo.clone());
+    }
+    Ok(())
+}
+
+fn cloud_names() -> String {
+    CLOUDS.map(|c| c.name).join(", ")
 }
 
 /// A running local mesh; everything stops when it is dropped.
@@ -83,6 +162,8 @@ pub struct LocalMesh {
     pub router_config: serde_json::Value,
     pub canary_config: serde_json::Value,
     pub failover_config: serde_json::Value,
+    /// Each sidecar's `--model-repository`, in the order of [`CLOUDS`].
+    pub repositories: Vec<OsString>,
     _dir: tempfile::TempDir,
 }
 
@@ -233,10 +314,18 @@ impl LocalMesh {
             .prefix("infermesh-local-")
             .tempdir()
             .map_err(|e| format!("cannot create a temp dir: {e}"))?;
-        let repo = opts.root.join("examples/models");
+        let args: Vec<String> = match opts.poll_s {
+            Some(s) => vec!["--repository-poll-s".into(), s.to_string()],
+            None => Vec::new(),
+        };
+        let repositories: Vec<OsString> = CLOUDS.iter().map(|c| opts.repository(c.name)).collect();
         let mut sidecars = Vec::new();
-        for c in CLOUDS {
-            sidecars.push(Sidecar::start(&sidecar_bin, c.name, &repo, c.ip, dir.path()).await?);
+        for (c, repo) in CLOUDS.iter().zip(&repositories) {
+            let addr = SocketAddr::from((c.ip, 0));
+            let s = Sidecar::start_with(&sidecar_bin, c.name, repo, &args, addr, dir.path())
+                .await
+                .map_err(|e| format!("cloud {}: {e}", c.name))?;
+            sidecars.push(s);
         }
         let mut b = Bootstrap::new().listener_port(opts.port);
         for (c, s) in CLOUDS.iter().zip(&sidecars) {
@@ -270,6 +359,7 @@ impl LocalMesh {
             router_config,
             canary_config,
             failover_config,
+            repositories,
             _dir: dir,
         })
     }
@@ -288,16 +378,29 @@ impl LocalMesh {
             "  envoy  http://{}   (admin http://{}; infermesh.wasm: router -> canary -> failover, V8)\n",
             self.envoy.listener, self.envoy.admin
         );
-        for (priority, (c, s)) in CLOUDS.iter().zip(&self.sidecars).enumerate() {
+        let examples = self
+            .repositories
+            .iter()
+            .all(|r| Path::new(r).ends_with("examples/models"));
+        for (priority, ((c, s), repo)) in CLOUDS
+            .iter()
+            .zip(&self.sidecars)
+            .zip(&self.repositories)
+            .enumerate()
+        {
+            let serves = if examples {
+                format!("every example model, versions {}", VERSIONS.join(" and "))
+            } else {
+                format!("models from {}", repo.to_string_lossy())
+            };
             out.push_str(&format!(
-                "  {:<6} http://{:<16} (pid {}; cluster {}, region {}, pick order {}; every example model, versions {})\n",
+                "  {:<6} http://{:<16} (pid {}; cluster {}, region {}, pick order {}; {serves})\n",
                 c.name,
                 s.addr.to_string(),
                 s.pid(),
                 c.cluster(),
                 c.region,
                 priority + 1,
-                VERSIONS.join(" and ")
             ));
         }
         out

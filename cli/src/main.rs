@@ -1,5 +1,6 @@
 //! `infermesh`: validate and explain filter configs.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -20,11 +21,17 @@ USAGE:
       scheduled step to 50%, and what Envoy counted. Exit 1 if a check
       fails.
   infermesh up [--port PORT] [--canary PERCENT]
+               [--model-repository [CLOUD=]DIR|URL]... [--repository-poll-s N]
       Start the local mesh and keep it running until Ctrl-C: a real Envoy
       (V8) with model-router, canary and failover in front of three
       clouds on loopback (aws 127.0.0.2 and gcp 127.0.0.3 in the eu,
       azure 127.0.0.4 in the us), each an inference sidecar serving
-      versions 1 and 2 of the example models.
+      versions 1 and 2 of the example models. --model-repository gives
+      every cloud, or one (aws=s3://bucket/models, gcp=gs://...,
+      azure=az://...), its own repository: a directory or a bucket the
+      sidecar syncs and hot-rolls out (credentials and endpoints from the
+      environment, as in sidecar/README.md); repeat it per cloud.
+      --repository-poll-s sets the sidecars' bucket poll interval.
   infermesh validate [--filter NAME] PATH...
       Check pluginConfig files (*.json; the filter is taken from the file
       name, e.g. canary.json or failover-eu.json, or --filter) and the
@@ -236,32 +243,60 @@ fn run_explain(args: &[String]) -> Result<ExitCode, String> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Options shared by `up` and `demo`.
-fn mesh_args(args: &[String]) -> Result<(u16, f64), String> {
-    let mut port = 18080;
-    let mut canary = 10.0;
+/// Options of `up` and `demo`.
+struct MeshArgs {
+    port: u16,
+    canary: f64,
+    repositories: BTreeMap<String, String>,
+    poll_s: Option<u32>,
+}
+
+/// Options shared by `up` and `demo` (`demo` refuses the repository ones).
+fn mesh_args(args: &[String]) -> Result<MeshArgs, String> {
+    let mut out = MeshArgs {
+        port: 18080,
+        canary: 10.0,
+        repositories: BTreeMap::new(),
+        poll_s: None,
+    };
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut value = || it.next().ok_or_else(|| format!("{a} needs a value"));
         match a.as_str() {
             "--port" => {
                 let v = value()?;
-                port = v
+                out.port = v
                     .parse()
                     .map_err(|_| format!("--port {v:?} is not a port"))?;
             }
             "--canary" => {
                 let v = value()?;
-                canary = v
+                out.canary = v
                     .parse::<f64>()
                     .ok()
                     .filter(|p| (0.0..=100.0).contains(p))
                     .ok_or_else(|| format!("--canary {v:?} is not a percentage"))?;
             }
+            "--model-repository" => {
+                infermesh::local::add_repository(&mut out.repositories, value()?)?;
+            }
+            "--repository-poll-s" => {
+                let v = value()?;
+                out.poll_s = Some(
+                    v.parse::<u32>()
+                        .ok()
+                        .filter(|s| (1..=86_400).contains(s))
+                        .ok_or_else(|| {
+                            format!(
+                                "--repository-poll-s {v:?} is not a number of seconds in 1..=86400"
+                            )
+                        })?,
+                );
+            }
             other => return Err(format!("unknown argument {other:?}\n\n{USAGE}")),
         }
     }
-    Ok((port, canary))
+    Ok(out)
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
@@ -272,7 +307,18 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
 }
 
 fn run_demo(args: &[String]) -> Result<ExitCode, String> {
-    let (port, _) = mesh_args(args)?;
+    let MeshArgs {
+        port,
+        repositories,
+        poll_s,
+        ..
+    } = mesh_args(args)?;
+    if !repositories.is_empty() || poll_s.is_some() {
+        return Err(
+            "demo runs on the example models; --model-repository and --repository-poll-s are for `infermesh up`"
+                .into(),
+        );
+    }
     let root = mesh::repo_root();
     match runtime()?.block_on(infermesh::demo::run(&root, port)) {
         Ok(report) => {
@@ -287,12 +333,11 @@ fn run_demo(args: &[String]) -> Result<ExitCode, String> {
 }
 
 fn run_up(args: &[String]) -> Result<ExitCode, String> {
-    let (port, canary) = mesh_args(args)?;
+    let a = mesh_args(args)?;
     let opts = infermesh::local::Options {
-        root: mesh::repo_root(),
-        port,
-        canary_percent: canary,
-        step: None,
+        repositories: a.repositories,
+        poll_s: a.poll_s,
+        ..infermesh::local::Options::new(mesh::repo_root(), a.port, a.canary)
     };
     runtime()?.block_on(async {
         let mesh = match infermesh::local::LocalMesh::start(&opts).await {

@@ -56,6 +56,37 @@ fn usage_errors_exit_64() {
 }
 
 #[test]
+fn up_refuses_a_bad_model_repository_before_starting_anything() {
+    for (args, needle) in [
+        (
+            &["up", "--model-repository", "mars=s3://b/p"][..],
+            "no cloud \"mars\" (clouds: aws, gcp, azure)",
+        ),
+        (
+            &["up", "--model-repository", "aws=/no/such/dir"][..],
+            "/no/such/dir is not a directory",
+        ),
+        (
+            &["up", "--model-repository", "gcp="][..],
+            "empty repository",
+        ),
+        (
+            &["up", "--repository-poll-s", "0"][..],
+            "--repository-poll-s \"0\" is not a number of seconds",
+        ),
+        (
+            &["demo", "--model-repository", "s3://b/p"][..],
+            "demo runs on the example models",
+        ),
+    ] {
+        let out = run(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {stderr}");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
 fn explain_matches_the_core_decision() {
     let cfg = filter_core::config::canary::parse(
         &std::fs::read("../examples/config/canary.json").unwrap(),

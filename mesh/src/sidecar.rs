@@ -3,6 +3,7 @@
 //! (stop, continue, kill, restart on the same address) let benchmarks and
 //! tests stand a hung or dead cloud in for a real one.
 
+use std::ffi::{OsStr, OsString};
 use std::fs::{File, OpenOptions};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -21,7 +22,8 @@ pub struct Sidecar {
     child: Child,
     log_path: PathBuf,
     bin: PathBuf,
-    repo: PathBuf,
+    repo: OsString,
+    args: Vec<String>,
 }
 
 /// The debug sidecar binary `cargo test --workspace` builds; built here
@@ -65,9 +67,24 @@ impl Sidecar {
         addr: SocketAddr,
         log_dir: &Path,
     ) -> Result<Sidecar, String> {
+        Sidecar::start_with(bin, name, repo.as_os_str(), &[], addr, log_dir).await
+    }
+
+    /// Like [`Sidecar::start_on`] with `repo` any `--model-repository`
+    /// value (a directory or a bucket URL) and more sidecar flags in
+    /// `args`. The process inherits this one's environment (a bucket's
+    /// credentials and endpoint).
+    pub async fn start_with(
+        bin: &Path,
+        name: &str,
+        repo: &OsStr,
+        args: &[String],
+        addr: SocketAddr,
+        log_dir: &Path,
+    ) -> Result<Sidecar, String> {
         let log_path = log_dir.join(format!("{name}.log"));
         let log = File::create(&log_path).map_err(|e| format!("{}: {e}", log_path.display()))?;
-        let child = spawn(bin, repo, addr, log)?;
+        let child = spawn(bin, repo, args, addr, log)?;
         let mut sidecar = Sidecar {
             name: name.to_owned(),
             addr,
@@ -75,6 +92,7 @@ impl Sidecar {
             log_path,
             bin: bin.to_owned(),
             repo: repo.to_owned(),
+            args: args.to_vec(),
         };
         sidecar.wait_ready().await?;
         Ok(sidecar)
@@ -148,7 +166,7 @@ impl Sidecar {
             .append(true)
             .open(&self.log_path)
             .map_err(|e| format!("{}: {e}", self.log_path.display()))?;
-        self.child = spawn(&self.bin, &self.repo, self.addr, log)?;
+        self.child = spawn(&self.bin, &self.repo, &self.args, self.addr, log)?;
         self.wait_ready().await
     }
 
@@ -171,7 +189,13 @@ impl Drop for Sidecar {
 }
 
 /// Runs the sidecar on `listen` with its stdout and stderr into `log`.
-fn spawn(bin: &Path, repo: &Path, listen: SocketAddr, log: File) -> Result<Child, String> {
+fn spawn(
+    bin: &Path,
+    repo: &OsStr,
+    args: &[String],
+    listen: SocketAddr,
+    log: File,
+) -> Result<Child, String> {
     let log2 = log.try_clone().map_err(|e| e.to_string())?;
     Command::new(bin)
         .arg("--model-repository")
@@ -184,6 +208,7 @@ fn spawn(bin: &Path, repo: &Path, listen: SocketAddr, log: File) -> Result<Child
             "--grace-period-ms",
             "2000",
         ])
+        .args(args)
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log2)
