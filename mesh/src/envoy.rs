@@ -203,8 +203,14 @@ impl Envoy {
         Client::new(self.admin).send(Req::get(path)).await
     }
 
-    /// A `/stats/prometheus` snapshot.
+    /// A `/stats/prometheus` snapshot that includes every request answered
+    /// before the call: the module publishes its counters on its tick
+    /// (`COUNTER_FLUSH_MS`), so this waits out two of them first.
     pub async fn stats(&self) -> Stats {
+        tokio::time::sleep(std::time::Duration::from_millis(
+            2 * filter_core::stats::COUNTER_FLUSH_MS + 50,
+        ))
+        .await;
         let resp = self.admin_get("/stats/prometheus").await;
         assert_eq!(resp.status, 200, "/stats/prometheus: {}", resp.text());
         Stats::parse(&resp.text())

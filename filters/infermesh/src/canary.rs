@@ -63,10 +63,6 @@ impl Canary {
         })
     }
 
-    pub fn has_schedule(&self) -> bool {
-        self.has_schedule
-    }
-
     pub fn served_by(&self, split: usize, version: usize) -> Option<&str> {
         self.served_by
             .get(split)

@@ -40,6 +40,7 @@ use std::time::Duration;
 
 use filter_core::config::module::{self, HostPattern, ModuleConfig};
 use filter_core::headers;
+use filter_core::stats::COUNTER_FLUSH_MS;
 use filter_shim::{clear_route_cache, now_ms, now_nanos};
 use log::{error, info, warn};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -54,7 +55,7 @@ proxy_wasm::main! {{
     });
 }}
 
-/// Without failover, the root ticks for body waits, or canary schedules.
+/// How often canary weights (their schedules) are re-published.
 const SCHEDULE_TICK_MS: u64 = 1_000;
 const BODY_WAIT_TICK_MS: u64 = 10;
 /// After this many waits that ended with no body and no body ever seen,
@@ -139,6 +140,13 @@ struct Root {
 }
 
 impl Context for Root {
+    fn on_done(&mut self) -> bool {
+        // The plugin stops (a new config, a drained listener): publish
+        // what the last ticks did not.
+        filter_shim::flush_counters();
+        true
+    }
+
     fn on_http_call_response(
         &mut self,
         token_id: u32,
@@ -167,18 +175,19 @@ impl RootContext for Root {
                 return false;
             }
         };
-        let has_schedule = stages.canary.as_ref().is_some_and(|c| c.has_schedule());
         let body_routing = stages.router.as_ref().is_some_and(|r| r.cfg.body.is_some());
         let has_failover = stages.failover.is_some();
         self.stages = Some(stages);
         self.refresh_weights(now_ms(self));
-        if has_failover {
-            self.set_tick_period(Duration::from_millis(failover::TICK_MS));
+        // Every tick publishes the counters; a stage may tick faster.
+        let tick_ms = if has_failover {
+            failover::TICK_MS
         } else if body_routing {
-            self.set_tick_period(Duration::from_millis(BODY_WAIT_TICK_MS));
-        } else if has_schedule {
-            self.set_tick_period(Duration::from_millis(SCHEDULE_TICK_MS));
-        }
+            BODY_WAIT_TICK_MS
+        } else {
+            COUNTER_FLUSH_MS
+        };
+        self.set_tick_period(Duration::from_millis(tick_ms.min(COUNTER_FLUSH_MS)));
         true
     }
 
@@ -194,6 +203,7 @@ impl RootContext for Root {
                 f.on_tick(now, self.ticks);
             }
         }
+        filter_shim::flush_counters();
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {

@@ -9,6 +9,7 @@
     clippy::panic
 )]
 
+use std::cell::RefCell;
 use std::time::UNIX_EPOCH;
 
 use filter_core::{headers, ConfigError};
@@ -92,12 +93,48 @@ pub fn gauge(name: &str) -> Result<u32, Status> {
     hostcalls::define_metric(MetricType::Gauge, name)
 }
 
-/// Adds `by` to a metric; a failed increment is not worth failing a
-/// request over.
+thread_local! {
+    /// Counter increments not yet sent to the host: `(metric id, count)`,
+    /// one entry per counter changed since the last flush.
+    static PENDING: RefCell<Vec<(u32, u64)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Adds `by` to a counter, in the VM: [`flush_counters`] sends the sums
+/// to the host (see `filter_core::stats::COUNTER_FLUSH_MS`). A failed
+/// increment is not worth failing a request over.
 pub fn bump(id: Option<u32>, by: u64) {
-    if let Some(id) = id {
+    let Some(id) = id else {
+        return;
+    };
+    if by == 0 {
+        return;
+    }
+    let batched = PENDING.with(|p| {
+        let Ok(mut p) = p.try_borrow_mut() else {
+            return false;
+        };
+        match p.iter_mut().find(|(i, _)| *i == id) {
+            Some((_, n)) => *n = n.saturating_add(by),
+            None => p.push((id, by)),
+        }
+        true
+    });
+    if !batched {
         let _ = hostcalls::increment_metric(id, i64::try_from(by).unwrap_or(i64::MAX));
     }
+}
+
+/// Sends every counter increment made since the last flush to the host;
+/// call it from the root's tick and when the plugin stops.
+pub fn flush_counters() {
+    PENDING.with(|p| {
+        let Ok(mut p) = p.try_borrow_mut() else {
+            return;
+        };
+        for (id, n) in p.drain(..) {
+            let _ = hostcalls::increment_metric(id, i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    });
 }
 
 /// Sets a gauge.
