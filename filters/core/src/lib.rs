@@ -21,6 +21,7 @@ pub mod canary;
 pub mod config;
 pub mod cookie;
 pub mod failover;
+pub mod guard;
 pub mod hash;
 pub mod headers;
 pub mod jsonscan;

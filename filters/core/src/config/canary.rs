@@ -9,6 +9,12 @@
 //!       "start": "2026-12-01T09:00:00Z",
 //!       "steps": [{"after_s": 0, "weights": {"2": 1}},
 //!                 {"after_s": 3600, "weights": {"2": 5}}]
+//!     },
+//!     "guard": {
+//!       "window_s": 10, "min_requests": 50,
+//!       "max_error_rate": 5, "max_error_rate_over_baseline": 2,
+//!       "max_p99_ms_over_baseline": 100,
+//!       "action": "rollback", "cool_off_s": 600, "probe_percent": 1
 //!     }
 //!   }],
 //!   "sticky_key": [{"header": "x-user-id"}, {"cookie": "uid"}],
@@ -54,6 +60,29 @@ struct RawSplit {
     versions: Vec<RawVersion>,
     #[serde(default)]
     schedule: Option<RawSchedule>,
+    #[serde(default)]
+    guard: Option<RawGuard>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGuard {
+    #[serde(default)]
+    window_s: Option<f64>,
+    #[serde(default)]
+    min_requests: Option<u32>,
+    #[serde(default)]
+    max_error_rate: Option<f64>,
+    #[serde(default)]
+    max_error_rate_over_baseline: Option<f64>,
+    #[serde(default)]
+    max_p99_ms_over_baseline: Option<u64>,
+    #[serde(default)]
+    action: Option<GuardAction>,
+    #[serde(default)]
+    cool_off_s: Option<u64>,
+    #[serde(default)]
+    probe_percent: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -84,6 +113,55 @@ enum RawKeySource {
     Cookie(String),
 }
 
+/// What a tripped guard does to its canary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GuardAction {
+    /// The canary's weight goes to the baseline: keyed and unkeyed
+    /// traffic stop reaching it at once.
+    Rollback,
+    /// The schedule stops stepping: the weights in force at the trip stay.
+    Freeze,
+}
+
+impl GuardAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GuardAction::Rollback => "rollback",
+            GuardAction::Freeze => "freeze",
+        }
+    }
+}
+
+/// A split's guard: rules over a sliding window of live outcomes per
+/// version, see [`crate::guard`]. Rates are basis points of a percent
+/// (1 = 0.01%).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Guard {
+    pub window_ms: u64,
+    /// A version is judged only with at least this many requests in the
+    /// window (and the baseline too, for a rule over the baseline).
+    pub min_requests: u32,
+    pub max_error_rate_bp: Option<Bp>,
+    pub max_error_rate_over_baseline_bp: Option<Bp>,
+    pub max_p99_ms_over_baseline: Option<u64>,
+    pub action: GuardAction,
+    /// `None`: a tripped canary stays tripped until the config changes.
+    pub cool_off_ms: Option<u64>,
+    /// The canary's share, at most, while it is probed after the cool-off.
+    pub probe_bp: Bp,
+}
+
+/// Guard limits and defaults.
+pub const GUARD_WINDOW_S: f64 = 10.0;
+pub const GUARD_MIN_WINDOW_MS: u64 = 500;
+pub const GUARD_MAX_WINDOW_MS: u64 = 3_600_000;
+pub const GUARD_MIN_REQUESTS: u32 = 50;
+pub const GUARD_MAX_MIN_REQUESTS: u32 = 1_000_000;
+pub const GUARD_MAX_P99_MS: u64 = 600_000;
+pub const GUARD_MAX_COOL_OFF_S: u64 = 7 * 86_400;
+pub const GUARD_PROBE_PERCENT: f64 = 1.0;
+
 /// Where a sticky key is read from, tried in config order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeySource {
@@ -111,6 +189,7 @@ pub struct Split {
     pub versions: Vec<String>,
     pub base: Weights,
     pub schedule: Option<Schedule>,
+    pub guard: Option<Guard>,
 }
 
 impl Split {
@@ -253,11 +332,115 @@ fn validate_split(path: &str, raw: RawSplit) -> Result<Split, ConfigError> {
         None => None,
         Some(s) => Some(validate_schedule(&format!("{path}.schedule"), s, &names)?),
     };
+    let guard = match raw.guard {
+        None => None,
+        Some(g) => Some(validate_guard(&format!("{path}.guard"), g)?),
+    };
     Ok(Split {
         model: raw.model,
         versions: names,
         base,
         schedule,
+        guard,
+    })
+}
+
+fn validate_guard(path: &str, raw: RawGuard) -> Result<Guard, ConfigError> {
+    let window_s = raw.window_s.unwrap_or(GUARD_WINDOW_S);
+    let window_ms = window_s * 1000.0;
+    if !window_ms.is_finite()
+        || window_ms < GUARD_MIN_WINDOW_MS as f64
+        || window_ms > GUARD_MAX_WINDOW_MS as f64
+    {
+        return Err(ConfigError::new(
+            format!("{path}.window_s"),
+            format!(
+                "{window_s} is not between {} and {}",
+                GUARD_MIN_WINDOW_MS as f64 / 1000.0,
+                GUARD_MAX_WINDOW_MS / 1000
+            ),
+        ));
+    }
+    let min_requests = raw.min_requests.unwrap_or(GUARD_MIN_REQUESTS);
+    if !(1..=GUARD_MAX_MIN_REQUESTS).contains(&min_requests) {
+        return Err(ConfigError::new(
+            format!("{path}.min_requests"),
+            format!("{min_requests} is not between 1 and {GUARD_MAX_MIN_REQUESTS}"),
+        ));
+    }
+    // A rate of 100% can never be exceeded: such a rule would never trip.
+    let rate = |field: &str, v: Option<f64>| -> Result<Option<Bp>, ConfigError> {
+        let Some(v) = v else { return Ok(None) };
+        let fpath = format!("{path}.{field}");
+        if !v.is_finite() || !(0.0..100.0).contains(&v) {
+            return Err(ConfigError::new(
+                fpath,
+                format!("{v} is not a percentage from 0 up to (not including) 100"),
+            ));
+        }
+        percent_to_bp(&fpath, v).map(Some)
+    };
+    let max_error_rate_bp = rate("max_error_rate", raw.max_error_rate)?;
+    let max_error_rate_over_baseline_bp = rate(
+        "max_error_rate_over_baseline",
+        raw.max_error_rate_over_baseline,
+    )?;
+    if let Some(ms) = raw.max_p99_ms_over_baseline {
+        if !(1..=GUARD_MAX_P99_MS).contains(&ms) {
+            return Err(ConfigError::new(
+                format!("{path}.max_p99_ms_over_baseline"),
+                format!("{ms} is not between 1 and {GUARD_MAX_P99_MS}"),
+            ));
+        }
+    }
+    if max_error_rate_bp.is_none()
+        && max_error_rate_over_baseline_bp.is_none()
+        && raw.max_p99_ms_over_baseline.is_none()
+    {
+        return Err(ConfigError::new(
+            path,
+            "a guard needs at least one rule: max_error_rate, max_error_rate_over_baseline \
+             or max_p99_ms_over_baseline",
+        ));
+    }
+    let cool_off_ms = match raw.cool_off_s {
+        None => None,
+        Some(s) if (1..=GUARD_MAX_COOL_OFF_S).contains(&s) => Some(s * 1000),
+        Some(s) => {
+            return Err(ConfigError::new(
+                format!("{path}.cool_off_s"),
+                format!("{s} is not between 1 and {GUARD_MAX_COOL_OFF_S}"),
+            ))
+        }
+    };
+    let probe_bp = match raw.probe_percent {
+        None => percent_to_bp(&format!("{path}.probe_percent"), GUARD_PROBE_PERCENT)?,
+        Some(_) if cool_off_ms.is_none() => {
+            return Err(ConfigError::new(
+                format!("{path}.probe_percent"),
+                "a probe share needs cool_off_s: without it a tripped canary stays tripped",
+            ))
+        }
+        Some(p) => {
+            let bp = percent_to_bp(&format!("{path}.probe_percent"), p)?;
+            if bp == 0 {
+                return Err(ConfigError::new(
+                    format!("{path}.probe_percent"),
+                    "0: a canary probed with no traffic could never recover",
+                ));
+            }
+            bp
+        }
+    };
+    Ok(Guard {
+        window_ms: window_ms.round() as u64,
+        min_requests,
+        max_error_rate_bp,
+        max_error_rate_over_baseline_bp,
+        max_p99_ms_over_baseline: raw.max_p99_ms_over_baseline,
+        action: raw.action.unwrap_or(GuardAction::Rollback),
+        cool_off_ms,
+        probe_bp,
     })
 }
 
