@@ -5,6 +5,7 @@
 
 use filter_core::canary::How;
 use filter_core::config::canary::CanaryConfig;
+use filter_core::guard::{Rule, State, Tally};
 use filter_core::stats::canary::*;
 use filter_core::stats::tagged;
 use filter_shim::{bump, counter, gauge, set};
@@ -21,8 +22,26 @@ pub struct Metrics {
     /// `[split][version]` gauges.
     weights: Vec<Vec<u32>>,
     override_rejected: Vec<u32>,
+    /// Guarded splits only, `[split][version]`: the state gauge, trips
+    /// per rule (`Rule::ALL` order) and outcomes (ok, error).
+    guard: Vec<Vec<GuardIds>>,
     unmatched: u32,
     stripped: u32,
+}
+
+#[derive(Default)]
+struct GuardIds {
+    state: u32,
+    trips: [u32; 3],
+    outcomes: [u32; 2],
+}
+
+fn rule_index(rule: Rule) -> usize {
+    match rule {
+        Rule::ErrorRate => 0,
+        Rule::ErrorRateOverBaseline => 1,
+        Rule::P99OverBaseline => 2,
+    }
 }
 
 fn how_index(how: How) -> usize {
@@ -38,7 +57,38 @@ impl Metrics {
         let mut requests = Vec::with_capacity(cfg.splits.len());
         let mut weights = Vec::with_capacity(cfg.splits.len());
         let mut override_rejected = Vec::with_capacity(cfg.splits.len());
+        let mut guard = Vec::with_capacity(cfg.splits.len());
         for split in &cfg.splits {
+            let mut ids = Vec::new();
+            if split.guard.is_some() {
+                for v in &split.versions {
+                    let mv = [("model", split.model.as_str()), ("version", v.as_str())];
+                    let tag = |k, val| {
+                        [
+                            ("model", split.model.as_str()),
+                            ("version", v.as_str()),
+                            (k, val),
+                        ]
+                    };
+                    let mut g = GuardIds {
+                        state: gauge(&tagged(GUARD_STATE, &mv))?,
+                        ..GuardIds::default()
+                    };
+                    for rule in Rule::ALL {
+                        if let Some(slot) = g.trips.get_mut(rule_index(rule)) {
+                            *slot = counter(&tagged(GUARD_TRIPS, &tag("reason", rule.as_str())))?;
+                        }
+                    }
+                    for (slot, outcome) in g.outcomes.iter_mut().zip(["ok", "error"]) {
+                        *slot = counter(&tagged(GUARD_OUTCOMES, &tag("outcome", outcome)))?;
+                    }
+                    // A fresh VM starts normal until the shared state says
+                    // otherwise.
+                    set(g.state, 0);
+                    ids.push(g);
+                }
+            }
+            guard.push(ids);
             let mut per_version = Vec::with_capacity(split.versions.len());
             let mut gauges = Vec::with_capacity(split.versions.len());
             for v in &split.versions {
@@ -75,6 +125,7 @@ impl Metrics {
             requests,
             weights,
             override_rejected,
+            guard,
             unmatched: counter(UNMATCHED)?,
             stripped: counter(STRIPPED)?,
         })
@@ -118,6 +169,39 @@ impl Metrics {
         };
         for (id, w) in ids.iter().zip(bp) {
             set(*id, u64::from(*w));
+        }
+    }
+
+    fn guard_ids(&self, split: usize, version: usize) -> Option<&GuardIds> {
+        self.guard.get(split)?.get(version)
+    }
+
+    pub fn set_guard_state(&self, split: usize, version: usize, state: State) {
+        if let Some(g) = self.guard_ids(split, version) {
+            set(g.state, state.gauge());
+        }
+    }
+
+    pub fn trip(&self, split: usize, version: usize, rule: Rule) {
+        let id = self
+            .guard_ids(split, version)
+            .and_then(|g| g.trips.get(rule_index(rule)).copied());
+        bump(id, 1);
+    }
+
+    /// Counts a flush's outcomes, `deltas[version]`.
+    pub fn outcomes(&self, split: usize, deltas: &[Tally]) {
+        for (v, d) in deltas.iter().enumerate() {
+            let Some(g) = self.guard_ids(split, v) else {
+                continue;
+            };
+            let ok = d.requests.saturating_sub(d.errors);
+            if ok > 0 {
+                bump(g.outcomes.first().copied(), u64::from(ok));
+            }
+            if d.errors > 0 {
+                bump(g.outcomes.get(1).copied(), u64::from(d.errors));
+            }
         }
     }
 }

@@ -170,12 +170,15 @@ impl RootContext for Root {
         let has_schedule = stages.canary.as_ref().is_some_and(|c| c.has_schedule());
         let body_routing = stages.router.as_ref().is_some_and(|r| r.cfg.body.is_some());
         let has_failover = stages.failover.is_some();
+        let has_guard = stages.canary.as_ref().is_some_and(|c| c.has_guard());
         self.stages = Some(stages);
         self.refresh_weights(now_ms(self));
         if has_failover {
             self.set_tick_period(Duration::from_millis(failover::TICK_MS));
         } else if body_routing {
             self.set_tick_period(Duration::from_millis(BODY_WAIT_TICK_MS));
+        } else if has_guard {
+            self.set_tick_period(Duration::from_millis(canary::GUARD_FLUSH_MS));
         } else if has_schedule {
             self.set_tick_period(Duration::from_millis(SCHEDULE_TICK_MS));
         }
@@ -193,6 +196,9 @@ impl RootContext for Root {
             if let Some(f) = &stages.failover {
                 f.on_tick(now, self.ticks);
             }
+            if let Some(c) = &stages.canary {
+                c.guard_tick(now);
+            }
         }
     }
 
@@ -209,6 +215,7 @@ impl RootContext for Root {
                 failover,
                 hdrs: None,
                 served: None,
+                watch: None,
                 served_at: None,
                 done: false,
             })),
@@ -253,6 +260,8 @@ struct Inner {
     /// The header copy while model-router waits for the body.
     hdrs: Option<RequestHeaders>,
     served: Option<Served>,
+    /// The canary guard's watch on this request, until its outcome.
+    watch: Option<canary::Watch>,
     /// The cloud failover reports for a response that passed through.
     served_at: Option<usize>,
     /// A stage answered the request itself.
@@ -502,6 +511,13 @@ impl HttpContext for Stream {
         let Some((stages, mut inner)) = self.active() else {
             return Action::Continue;
         };
+        if let (Some(w), Some(c)) = (inner.watch.take(), &stages.canary) {
+            // The routed try's own status, before failover may replace it.
+            let status = Host
+                .get_http_response_header(":status")
+                .and_then(|s| s.parse().ok());
+            c.observe(w, status, now_ms(&Host));
+        }
         let mut from_failover = false;
         if let Some(f) = inner.failover.as_mut() {
             let mut served_at = None;
@@ -544,6 +560,18 @@ impl HttpContext for Stream {
         self.inner
             .try_borrow()
             .map_or(Action::Continue, |i| i.response_action())
+    }
+
+    fn on_log(&mut self) {
+        // A watched request that got no response headers was reset.
+        let watch = self
+            .inner
+            .try_borrow_mut()
+            .ok()
+            .and_then(|mut i| i.watch.take());
+        if let (Some(w), Some(c)) = (watch, self.stages.as_ref().and_then(|s| s.canary.as_ref())) {
+            c.observe(w, None, now_ms(&Host));
+        }
     }
 }
 
@@ -605,6 +633,7 @@ impl Inner {
         if let Some(canary) = &stages.canary {
             if let Some((s, v)) = canary.decide(&Host, &mut hdrs, || now_ms(&Host)) {
                 self.served = Some(Served::Canary(s, v));
+                self.watch = canary.watch(s, v, || now_ms(&Host));
             }
         }
         let changed = hdrs.changed();
