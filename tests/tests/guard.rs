@@ -325,3 +325,58 @@ async fn a_bad_guard_is_refused_with_the_field_named() {
     }
     assert_eq!((stable.count(), canary.count()), (0, 0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_cool_off_a_mended_canary_is_probed_then_restored() {
+    let _bin = require_envoy!("after_the_cool_off_a_mended_canary_is_probed_then_restored");
+    let guard = json!({
+        "window_s": 2, "min_requests": 10, "max_error_rate": 10,
+        "cool_off_s": 2, "probe_percent": 10
+    });
+    let rig = Rig::start(&config(guard)).await;
+    rig.canary.set_mode(Mode::Status(FAULT_STATUS));
+    let run = rig.load(8);
+    // Tripped at about 0.2 s (10 failures); mended at 1.5 s; probed from
+    // about 2.2 s for at least a window (2 s), restored after that.
+    run.sleep_until(Duration::from_millis(1_500)).await;
+    let tripped_stats = rig.envoy.stats().await;
+    rig.canary.set_mode(Mode::Ok);
+    let records = run.finish().await.expect("load ran");
+
+    assert_eq!(guard_stat(&tripped_stats, GUARD_STATE, &[]), 1.0);
+    let log = rig.envoy.log();
+    for needle in [
+        "version 2 rolled back (weight 0, traffic to the baseline), probed again after 2 s",
+        "version 2: cool-off over, probing with at most 10.00% of traffic",
+        "version 2: probe passed a full window, restored",
+    ] {
+        assert_eq!(
+            log.matches(needle).count(),
+            1,
+            "{needle:?} once in:\n{}",
+            e2e::envoy::tail(&log, 40)
+        );
+    }
+    // 2.9 s to 4.1 s is inside the probe (10% of traffic at most) with a
+    // margin of 0.7 s on both sides for a slow trip or flush; the last
+    // second is the restored 30%.
+    let share = |from_ms: f64, to_ms: f64| {
+        let w = load::window(&records, from_ms, to_ms);
+        let on = versions_served(&w)
+            .get(&format!("{MODEL}/2"))
+            .copied()
+            .unwrap_or(0);
+        100.0 * on as f64 / w.len().max(1) as f64
+    };
+    let (probe, restored) = (share(2_900.0, 4_100.0), share(7_000.0, 8_000.0));
+    eprintln!("canary share: {probe:.1}% while probed, {restored:.1}% restored");
+    assert!(probe <= 16.0, "probe share {probe:.1}%");
+    assert!(
+        (20.0..=40.0).contains(&restored),
+        "restored share {restored:.1}%"
+    );
+    let stats = rig.envoy.stats().await;
+    assert_eq!(guard_stat(&stats, GUARD_STATE, &[]), 0.0);
+    assert_eq!(guard_stat(&stats, GUARD_TRIPS, &[]), 1.0);
+    assert_eq!(guard_stat(&stats, WEIGHT, &[]), 3_000.0);
+}
