@@ -62,6 +62,9 @@ struct ModeCell {
     param: AtomicU32,
     /// Requests answered in `Flaky` mode so far.
     flaky_seq: AtomicU64,
+    /// `Some(v)`: `Flaky` fails only requests whose `x-infermesh-version`
+    /// is `v` (one version of a model is bad on this upstream).
+    flaky_version: Mutex<Option<String>>,
 }
 
 impl ModeCell {
@@ -210,6 +213,16 @@ impl Upstream {
         self.mode.set(mode);
     }
 
+    /// Restricts `Flaky` failures to requests for `version` (by their
+    /// `x-infermesh-version`); `None`: every request may fail.
+    pub fn set_flaky_version(&self, version: Option<&str>) {
+        *self
+            .mode
+            .flaky_version
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = version.map(str::to_owned);
+    }
+
     /// Requests received so far.
     pub fn count(&self) -> usize {
         self.lock().len()
@@ -266,7 +279,15 @@ async fn handle(
         Mode::Ok | Mode::Delay(_) => false,
         Mode::Status(s) => s >= 500,
         Mode::Hang | Mode::Reset => true,
-        Mode::Flaky { percent, .. } => mode.flaky_fails(percent),
+        Mode::Flaky { percent, .. } => {
+            let scope = mode
+                .flaky_version
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            let in_scope = scope.is_none_or(|v| saw.as_bytes() == v.as_bytes());
+            in_scope && mode.flaky_fails(percent)
+        }
     };
     seen.lock().unwrap_or_else(|e| e.into_inner()).push(Seen {
         method: parts.method.to_string(),

@@ -380,3 +380,110 @@ async fn after_the_cool_off_a_mended_canary_is_probed_then_restored() {
     assert_eq!(guard_stat(&stats, GUARD_TRIPS, &[]), 1.0);
     assert_eq!(guard_stat(&stats, WEIGHT, &[]), 3_000.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_failover_replaying_the_canarys_failures_clients_see_none() {
+    let _bin = require_envoy!("with_failover_replaying_the_canarys_failures_clients_see_none");
+    // Two clouds; version 2 goes bad on aws only, so a replay to gcp
+    // answers. Passive health is lenient, so aws stays in (the guard, not
+    // failover, must act).
+    let mut b = Bootstrap::new();
+    let mut clouds = Vec::new();
+    for (i, name) in ["aws", "gcp"].iter().enumerate() {
+        let up = Upstream::start_on(
+            name,
+            std::net::SocketAddr::from(([127, 0, 0, 2 + i as u8], 0)),
+        )
+        .await;
+        let cluster = format!("cloud-{name}");
+        b = b
+            .cluster(&cluster, up.addr)
+            .route_header(filter_core::headers::CLOUD, name, &cluster);
+        clouds.push(up);
+    }
+    let failover = json!({
+        "clouds": [
+            {"name": "aws", "cluster": "cloud-aws", "priority": 0},
+            {"name": "gcp", "cluster": "cloud-gcp", "priority": 1}
+        ],
+        "health": {
+            "probe": {"interval_ms": 1000, "timeout_ms": 200,
+                      "healthy_threshold": 2, "unhealthy_threshold": 3},
+            "passive": {"consecutive_failures": 1000}
+        },
+        "replay": {"max_attempts": 2, "max_body_bytes": 65536,
+                   "per_try_timeout_ms": 2000, "total_deadline_ms": 4000},
+        "trust_downstream_headers": true
+    });
+    let mut canary = config(json!({"window_s": 1, "min_requests": 10, "max_error_rate": 10}));
+    canary["trust_downstream_headers"] = json!(true);
+    let module = json!({"canary": canary, "failover": failover});
+    filter_core::config::module::parse(module.to_string().as_bytes()).expect("the test's config");
+    let envoy = Envoy::start(&b.default_route("cloud-gcp").wasm(WasmFilter::new(
+        "infermesh",
+        &e2e::wasm::module(),
+        module.to_string(),
+    )))
+    .await;
+    let (aws, gcp) = (&clouds[0], &clouds[1]);
+
+    let mut plan = Plan::new(envoy.listener, RATE, Duration::from_secs(4));
+    plan.timeout = Duration::from_secs(10);
+    let run = load::start(plan, |seq| {
+        let req = Req::post(INFER, "{}").header("content-type", "application/json");
+        if seq % 2 == 0 {
+            req.header(KEY_HEADER, format!("user-{seq}"))
+        } else {
+            req
+        }
+    })
+    .expect("load starts");
+    run.sleep_until(Duration::from_millis(1_000)).await;
+    aws.set_flaky_version(Some("2"));
+    aws.set_mode(Mode::Flaky {
+        status: FAULT_STATUS,
+        percent: 30,
+    });
+    let records = run.finish().await.expect("load ran");
+
+    let on_v2 = |u: &Upstream| -> Vec<Instant> {
+        u.seen()
+            .iter()
+            .filter(|s| s.header(filter_core::headers::VERSION).as_deref() == Some("2"))
+            .map(|s| s.at)
+            .collect()
+    };
+    let first_failure = aws
+        .seen()
+        .iter()
+        .filter(|s| s.failed)
+        .map(|s| s.at)
+        .min()
+        .expect("aws failed some version 2 requests");
+    let last_v2 = on_v2(aws)
+        .into_iter()
+        .chain(on_v2(gcp))
+        .max()
+        .expect("v2 traffic");
+    let failed = aws.seen().iter().filter(|s| s.failed).count();
+    let took = last_v2.saturating_duration_since(first_failure);
+    eprintln!(
+        "with failover: first failure to the last version 2 request {:.0} ms; {failed} failures \
+         replayed; {} client errors of {} requests",
+        took.as_secs_f64() * 1e3,
+        client_errors(&records),
+        records.len()
+    );
+    assert_eq!(client_errors(&records), 0, "every failure was replayed");
+    assert!(took <= ROLLBACK_BOUND, "{took:?}");
+    let stats = envoy.stats().await;
+    assert_eq!(
+        guard_stat(&stats, GUARD_TRIPS, &[("reason", "error_rate")]),
+        1.0
+    );
+    assert_eq!(
+        guard_stat(&stats, GUARD_OUTCOMES, &[("outcome", "error")]),
+        failed as f64,
+        "the guard counted the routed try's failure, not the replay's success"
+    );
+}
