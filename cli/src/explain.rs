@@ -496,12 +496,12 @@ fn guard_lines(s: &Split, req: &ExplainRequest) -> String {
         rules.push(format!("p99 > baseline + {ms} ms"));
     }
     let after = match g.cool_off_ms {
-        Some(ms) => format!("probe at {} after {} s", pct(g.probe_bp), ms / 1000),
-        None => "until the config changes".to_owned(),
+        Some(ms) => format!(", probed at {} after {} s", pct(g.probe_bp), ms / 1000),
+        None => " until the config changes".to_owned(),
     };
     let _ = writeln!(
         out,
-        "guard:     {} over {} ms with >= {} requests; {} {after}",
+        "guard:     {} over {} ms with >= {} requests; {}{after}",
         rules.join(", "),
         g.window_ms,
         g.min_requests,
