@@ -394,6 +394,41 @@ proptest! {
     }
 
     #[test]
+    fn a_guarded_canary_only_ever_loses_keys(
+        w2 in 0u32..=50, w3 in 0u32..=50, states in prop::collection::vec(0u8..3, 2), probe in 1u32..=100,
+        keys in prop::collection::vec("[a-z0-9]{1,12}", 1..200),
+    ) {
+        // Three versions; any mix of canary states; every key the guard
+        // sends to a canary is one the config sends there too.
+        let json = format!(
+            r#"{{"splits":[{{"model":"m","versions":[{{"name":"1","weight":{}}},{{"name":"2","weight":{w2}}},{{"name":"3","weight":{w3}}}],
+                "guard":{{"max_error_rate":5,"cool_off_s":60,"probe_percent":{probe}}}}}]}}"#,
+            100 - w2 - w3
+        );
+        let cfg = parse(json.as_bytes()).unwrap();
+        let g = guard_of(&cfg);
+        let mut r = Record::fresh(3);
+        for (v, st) in r.versions.iter_mut().skip(1).zip(&states) {
+            v.state = match st { 0 => State::Normal, 1 => State::Tripped, _ => State::Probing };
+        }
+        let eff = r.effective(&cfg.splits[0], &g, 0);
+        prop_assert_eq!(eff.is_none(), states.iter().all(|&s| s == 0));
+        let guarded = [eff];
+        for k in &keys {
+            let with = keyed_version(&cfg, &guarded, k);
+            let without = keyed_version(&cfg, &[], k);
+            prop_assert!(with == 0 || with == without, "{} moved from {} to {}", k, without, with);
+            let state = |v: usize| states.get(v - 1).copied().unwrap_or(0);
+            if with == 0 && without != 0 {
+                prop_assert!(state(without) != 0, "{} left a normal canary", k);
+            }
+            if without != 0 && state(without) == 1 {
+                prop_assert_eq!(with, 0, "{} still on a tripped canary", k);
+            }
+        }
+    }
+
+    #[test]
     fn decode_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..3_000), fp in any::<u32>()) {
         let _ = Record::decode(&bytes, fp);
         let _ = Record::decode_or_fresh(Some(&bytes), fp, 2);
