@@ -28,6 +28,7 @@ pub mod jsonscan;
 pub mod oip;
 pub mod router;
 pub mod schedule;
+pub mod shadow;
 pub mod stats;
 pub mod weights;
 

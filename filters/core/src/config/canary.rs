@@ -28,7 +28,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use super::{check_client_header, check_len, check_name, from_json, ConfigError};
+use super::{check_client_header, check_len, check_name, check_token, from_json, ConfigError};
 use crate::headers;
 use crate::schedule::{parse_rfc3339, Schedule, Step};
 use crate::weights::{max_canary_weight, Bp, Weights, WeightsError};
@@ -62,6 +62,24 @@ struct RawSplit {
     schedule: Option<RawSchedule>,
     #[serde(default)]
     guard: Option<RawGuard>,
+    #[serde(default)]
+    shadow: Option<RawShadow>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawShadow {
+    version: String,
+    fraction: f64,
+    cluster: String,
+    #[serde(default)]
+    authority: Option<String>,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+    #[serde(default)]
+    max_in_flight: Option<u32>,
+    #[serde(default)]
+    max_body_bytes: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -162,6 +180,32 @@ pub const GUARD_MAX_P99_MS: u64 = 600_000;
 pub const GUARD_MAX_COOL_OFF_S: u64 = 7 * 86_400;
 pub const GUARD_PROBE_PERCENT: f64 = 1.0;
 
+/// A split's mirror: a copy of a share of the baseline's infer requests
+/// goes to a candidate version, whose answer the client never sees.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shadow {
+    /// Index of the candidate in the split's versions (never 0).
+    pub version: usize,
+    /// Share of the baseline's infer requests copied, basis points.
+    pub fraction_bp: Bp,
+    /// The Envoy cluster that serves the candidate, and its `:authority`.
+    pub cluster: String,
+    pub authority: String,
+    pub timeout_ms: u64,
+    /// Copies in flight per worker at most; a request beyond is not copied.
+    pub max_in_flight: u32,
+    /// A larger request body is not copied.
+    pub max_body_bytes: u32,
+}
+
+/// Shadow limits and defaults.
+pub const SHADOW_TIMEOUT_MS: u64 = 1_000;
+pub const SHADOW_MAX_TIMEOUT_MS: u64 = 60_000;
+pub const SHADOW_MAX_IN_FLIGHT: u32 = 64;
+pub const SHADOW_MAX_IN_FLIGHT_LIMIT: u32 = 10_000;
+pub const SHADOW_MAX_BODY_BYTES: u32 = 1 << 20;
+pub const SHADOW_MAX_BODY_LIMIT: u32 = 16 << 20;
+
 /// Where a sticky key is read from, tried in config order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeySource {
@@ -190,6 +234,7 @@ pub struct Split {
     pub base: Weights,
     pub schedule: Option<Schedule>,
     pub guard: Option<Guard>,
+    pub shadow: Option<Shadow>,
 }
 
 impl Split {
@@ -336,12 +381,88 @@ fn validate_split(path: &str, raw: RawSplit) -> Result<Split, ConfigError> {
         None => None,
         Some(g) => Some(validate_guard(&format!("{path}.guard"), g)?),
     };
+    let shadow = match raw.shadow {
+        None => None,
+        Some(sh) => Some(validate_shadow(&format!("{path}.shadow"), sh, &names)?),
+    };
     Ok(Split {
         model: raw.model,
         versions: names,
         base,
         schedule,
         guard,
+        shadow,
+    })
+}
+
+fn validate_shadow(path: &str, raw: RawShadow, names: &[String]) -> Result<Shadow, ConfigError> {
+    let version = match names.iter().position(|n| *n == raw.version) {
+        Some(0) => {
+            return Err(ConfigError::new(
+                format!("{path}.version"),
+                format!(
+                    "{:?} is the baseline: the shadow copies the baseline's requests to another version",
+                    raw.version
+                ),
+            ))
+        }
+        Some(i) => i,
+        None => {
+            return Err(ConfigError::new(
+                format!("{path}.version"),
+                format!("{:?} is not one of the split's versions {names:?}", raw.version),
+            ))
+        }
+    };
+    let fpath = format!("{path}.fraction");
+    if !raw.fraction.is_finite() || raw.fraction <= 0.0 || raw.fraction > 1.0 {
+        return Err(ConfigError::new(
+            fpath,
+            format!("{} is not a fraction above 0 and at most 1", raw.fraction),
+        ));
+    }
+    let fraction_bp = percent_to_bp(&fpath, raw.fraction * 100.0)?;
+    check_token(&format!("{path}.cluster"), "cluster name", &raw.cluster)?;
+    let authority = match raw.authority {
+        Some(a) => {
+            check_token(&format!("{path}.authority"), "authority", &a)?;
+            a
+        }
+        None => raw.cluster.clone(),
+    };
+    let ranged = |field: &str, v: u64, max: u64| -> Result<u64, ConfigError> {
+        if (1..=max).contains(&v) {
+            Ok(v)
+        } else {
+            Err(ConfigError::new(
+                format!("{path}.{field}"),
+                format!("{v} is not between 1 and {max}"),
+            ))
+        }
+    };
+    let timeout_ms = ranged(
+        "timeout_ms",
+        raw.timeout_ms.unwrap_or(SHADOW_TIMEOUT_MS),
+        SHADOW_MAX_TIMEOUT_MS,
+    )?;
+    let max_in_flight = ranged(
+        "max_in_flight",
+        u64::from(raw.max_in_flight.unwrap_or(SHADOW_MAX_IN_FLIGHT)),
+        u64::from(SHADOW_MAX_IN_FLIGHT_LIMIT),
+    )?;
+    let max_body_bytes = ranged(
+        "max_body_bytes",
+        u64::from(raw.max_body_bytes.unwrap_or(SHADOW_MAX_BODY_BYTES)),
+        u64::from(SHADOW_MAX_BODY_LIMIT),
+    )?;
+    Ok(Shadow {
+        version,
+        fraction_bp,
+        cluster: raw.cluster,
+        authority,
+        timeout_ms,
+        max_in_flight: u32::try_from(max_in_flight).unwrap_or(SHADOW_MAX_IN_FLIGHT),
+        max_body_bytes: u32::try_from(max_body_bytes).unwrap_or(SHADOW_MAX_BODY_BYTES),
     })
 }
 

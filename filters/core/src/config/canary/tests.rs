@@ -290,3 +290,126 @@ fn every_bad_guard_field_is_named() {
         );
     }
 }
+
+fn shadowed(shadow: &str) -> Result<CanaryConfig, ConfigError> {
+    let json = format!(
+        r#"{{"splits":[{{"model":"m","versions":[{{"name":"a","weight":100}},{{"name":"b","weight":0}}],"shadow":{shadow}}}]}}"#
+    );
+    parse(json.as_bytes())
+}
+
+#[test]
+fn shadow_parses_with_defaults() {
+    let c =
+        shadowed(r#"{"version":"b","fraction":0.2,"cluster":"outbound|8000|v2|m.ns"}"#).unwrap();
+    let s = c.splits[0].shadow.clone().unwrap();
+    assert_eq!(s.version, 1);
+    assert_eq!(s.fraction_bp, 2_000);
+    assert_eq!(s.cluster, "outbound|8000|v2|m.ns");
+    assert_eq!(s.authority, s.cluster);
+    assert_eq!(
+        (s.timeout_ms, s.max_in_flight, s.max_body_bytes),
+        (
+            SHADOW_TIMEOUT_MS,
+            SHADOW_MAX_IN_FLIGHT,
+            SHADOW_MAX_BODY_BYTES
+        )
+    );
+    let full = shadowed(
+        r#"{"version":"b","fraction":1,"cluster":"v2","authority":"m.ns","timeout_ms":50,"max_in_flight":1,"max_body_bytes":10}"#,
+    )
+    .unwrap();
+    let s = full.splits[0].shadow.clone().unwrap();
+    assert_eq!((s.fraction_bp, s.authority.as_str()), (10_000, "m.ns"));
+    assert_eq!(
+        (s.timeout_ms, s.max_in_flight, s.max_body_bytes),
+        (50, 1, 10)
+    );
+}
+
+#[test]
+fn every_bad_shadow_field_is_named() {
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            r#"{"version":"z","fraction":0.2,"cluster":"v2"}"#,
+            "splits[0].shadow.version",
+            "not one of the split's versions",
+        ),
+        (
+            r#"{"version":"a","fraction":0.2,"cluster":"v2"}"#,
+            "splits[0].shadow.version",
+            "is the baseline",
+        ),
+        (
+            r#"{"version":"b","fraction":0,"cluster":"v2"}"#,
+            "splits[0].shadow.fraction",
+            "above 0 and at most 1",
+        ),
+        (
+            r#"{"version":"b","fraction":1.5,"cluster":"v2"}"#,
+            "splits[0].shadow.fraction",
+            "above 0 and at most 1",
+        ),
+        (
+            r#"{"version":"b","fraction":-0.1,"cluster":"v2"}"#,
+            "splits[0].shadow.fraction",
+            "above 0 and at most 1",
+        ),
+        (
+            r#"{"version":"b","fraction":0.123456,"cluster":"v2"}"#,
+            "splits[0].shadow.fraction",
+            "two decimals",
+        ),
+        (
+            r#"{"version":"b","cluster":"v2"}"#,
+            "splits[0].shadow",
+            "missing field `fraction`",
+        ),
+        (
+            r#"{"version":"b","fraction":0.2,"cluster":""}"#,
+            "splits[0].shadow.cluster",
+            "not a valid cluster name",
+        ),
+        (
+            r#"{"version":"b","fraction":0.2,"cluster":"a b"}"#,
+            "splits[0].shadow.cluster",
+            "not a valid cluster name",
+        ),
+        (
+            r#"{"version":"b","fraction":0.2,"cluster":"v2","authority":""}"#,
+            "splits[0].shadow.authority",
+            "not a valid authority",
+        ),
+        (
+            r#"{"version":"b","fraction":0.2,"cluster":"v2","timeout_ms":0}"#,
+            "splits[0].shadow.timeout_ms",
+            "between 1 and 60000",
+        ),
+        (
+            r#"{"version":"b","fraction":0.2,"cluster":"v2","max_in_flight":0}"#,
+            "splits[0].shadow.max_in_flight",
+            "between 1 and 10000",
+        ),
+        (
+            r#"{"version":"b","fraction":0.2,"cluster":"v2","max_body_bytes":99999999}"#,
+            "splits[0].shadow.max_body_bytes",
+            "between 1 and",
+        ),
+        (
+            r#"{"version":"b","fraction":0.2,"cluster":"v2","mirror":true}"#,
+            "splits[0].shadow.mirror",
+            "unknown field",
+        ),
+    ];
+    for (shadow, path, needle) in cases {
+        let e = match shadowed(shadow) {
+            Ok(c) => panic!("accepted {shadow}: {c:?}"),
+            Err(e) => e,
+        };
+        assert_eq!(e.path, *path, "{shadow}\n=> {e}");
+        assert!(
+            e.to_string().contains(needle),
+            "{shadow}\n=> {e} (wanted {needle:?})"
+        );
+    }
+}
