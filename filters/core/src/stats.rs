@@ -38,6 +38,16 @@ pub mod canary {
     pub const GUARD_OUTCOMES: &str = "infermesh_canary_guard_outcomes_total";
 }
 
+pub mod shadow {
+    /// Copies sent to the shadow version that it answered below 500.
+    pub const REQUESTS: &str = "infermesh_shadow_requests_total";
+    /// Copies that failed: a 5xx, a reset or no answer in time.
+    pub const ERRORS: &str = "infermesh_shadow_errors_total";
+    /// Requests picked for a copy but not copied (`reason`: in_flight,
+    /// body_too_large, dispatch).
+    pub const SKIPPED: &str = "infermesh_shadow_skipped_total";
+}
+
 pub mod failover {
     pub const REQUESTS: &str = "infermesh_failover_requests_total";
     pub const TRIES: &str = "infermesh_failover_tries_total";

@@ -14,12 +14,15 @@
 //! here, so a request pays one borrow, not a shared-data read.
 
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::time::Duration;
 
 use filter_core::canary::{self, Decision, How, Request};
 use filter_core::config::canary::{CanaryConfig, Guard, GuardAction};
 use filter_core::guard::{self, Record, State, Tally, Transition};
 use filter_core::hash::fmix64;
 use filter_core::headers;
+use filter_core::shadow;
 use filter_core::weights::Weights;
 use log::{debug, info, warn};
 use proxy_wasm::hostcalls;
@@ -46,6 +49,32 @@ pub struct Canary {
     effective: RefCell<Vec<Option<Weights>>>,
     /// When the guards last flushed.
     flushed_at_ms: Cell<u64>,
+    /// The root context, which owns the shadow copies' callouts (a
+    /// stream's callouts end with the stream).
+    root_id: u32,
+    /// The copy the last decision started, for the stream to take.
+    started_copy: RefCell<Option<Copy>>,
+    /// Complete copies waiting for the root's tick to send them: a
+    /// callout made in a stream's callback belongs to the stream, and its
+    /// answer is lost when the stream ends first.
+    queued: RefCell<Vec<Copy>>,
+    /// Copies in flight: callout token -> split.
+    copies: RefCell<HashMap<u32, usize>>,
+    /// Any split mirrors (then the root must tick).
+    has_shadow: bool,
+}
+
+/// How often the root sends queued shadow copies: the most a copy waits.
+pub const SHADOW_TICK_MS: u64 = 20;
+
+/// A request being copied to its split's shadow version: the request
+/// headers as they went upstream and the body so far.
+pub struct Copy {
+    split: usize,
+    path: String,
+    headers: Vec<(String, Vec<u8>)>,
+    body: Vec<u8>,
+    too_large: bool,
 }
 
 /// How often the guards flush this VM's outcomes and read the shared
@@ -77,7 +106,7 @@ pub struct Watch {
 impl Canary {
     /// `seed` seeds unkeyed picks; no fairness depends on it beyond a
     /// uniform spread.
-    pub fn new(cfg: CanaryConfig, seed: u64) -> Result<Canary, Status> {
+    pub fn new(cfg: CanaryConfig, seed: u64, root_id: u32) -> Result<Canary, Status> {
         let metrics = Metrics::define(&cfg)?;
         let served_by = cfg
             .splits
@@ -120,6 +149,11 @@ impl Canary {
             guards,
             effective: RefCell::new(effective),
             flushed_at_ms: Cell::new(0),
+            root_id,
+            started_copy: RefCell::new(None),
+            queued: RefCell::new(Vec::new()),
+            copies: RefCell::new(HashMap::new()),
+            has_shadow: cfg.splits.iter().any(|s| s.shadow.is_some()),
             served_by,
             cfg,
             metrics,
@@ -190,6 +224,7 @@ impl Canary {
                 if how == How::Override {
                     debug!("infermesh canary: override to version index {version}");
                 }
+                self.start_copy(hdrs, split, version, how);
                 (split, version)
             }
         };
@@ -233,9 +268,22 @@ impl Canary {
 }
 
 impl Canary {
-    /// Whether any split has a guard (then the root must tick).
-    pub fn has_guard(&self) -> bool {
-        !self.effective.borrow().is_empty()
+    /// How often the root must tick for this stage, if at all: to send
+    /// shadow copies, or to flush the guards.
+    pub fn tick_ms(&self) -> Option<u64> {
+        if self.has_shadow {
+            Some(SHADOW_TICK_MS)
+        } else if !self.effective.borrow().is_empty() {
+            Some(GUARD_FLUSH_MS)
+        } else {
+            None
+        }
+    }
+
+    /// The root's tick.
+    pub fn on_tick(&self, now_ms: u64) {
+        self.guard_tick(now_ms);
+        self.send_queued();
     }
 
     /// A watch on a request routed to `version` of `split`, if the split
@@ -267,7 +315,7 @@ impl Canary {
 
     /// The root's tick: every [`GUARD_FLUSH_MS`], flushes each guarded
     /// split's pending outcomes, steps its rules and takes in the state.
-    pub fn guard_tick(&self, now_ms: u64) {
+    fn guard_tick(&self, now_ms: u64) {
         if now_ms.saturating_sub(self.flushed_at_ms.get()) < GUARD_FLUSH_MS {
             return;
         }
@@ -402,3 +450,170 @@ impl Canary {
         }
     }
 }
+
+/// Mirroring: the shadow copies.
+impl Canary {
+    /// Starts a copy of the request if its split mirrors it; the stream
+    /// takes it with [`Canary::take_copy`].
+    fn start_copy(&self, hdrs: &RequestHeaders, split: usize, version: usize, how: How) {
+        let Some(s) = self.cfg.splits.get(split) else {
+            return;
+        };
+        if s.shadow.is_none() {
+            return;
+        }
+        let path = hdrs.get(":path").unwrap_or_default();
+        let Some(path) = shadow::mirror_path(s, version, how, path, self.random()) else {
+            return;
+        };
+        *self.started_copy.borrow_mut() = Some(Copy {
+            split,
+            path,
+            headers: hdrs.list().to_vec(),
+            body: Vec::new(),
+            too_large: false,
+        });
+    }
+
+    /// The copy the last decision started, if any.
+    pub fn take_copy(&self) -> Option<Copy> {
+        self.started_copy.borrow_mut().take()
+    }
+
+    /// A chunk of the request body (`ctx` holds it); at the end of the
+    /// request, sends the copy. Never changes what the client's request
+    /// does.
+    pub fn copy_body(
+        &self,
+        mut copy: Copy,
+        ctx: &dyn HttpContext,
+        body_size: usize,
+        end_of_stream: bool,
+    ) -> Option<Copy> {
+        let cap = self
+            .cfg
+            .splits
+            .get(copy.split)
+            .and_then(|s| s.shadow.as_ref())
+            .map_or(0, |sh| sh.max_body_bytes as usize);
+        if !copy.too_large && body_size > 0 {
+            if copy.body.len().saturating_add(body_size) > cap {
+                copy.too_large = true;
+                copy.body = Vec::new();
+            } else if let Some(chunk) = ctx.get_http_request_body(0, body_size) {
+                copy.body.extend_from_slice(&chunk);
+            }
+        }
+        if end_of_stream {
+            self.send_copy(copy);
+            return None;
+        }
+        Some(copy)
+    }
+
+    /// Queues a complete copy for the root's next tick, within the
+    /// bounds (queued and in flight count alike).
+    pub fn send_copy(&self, copy: Copy) {
+        let max = self
+            .cfg
+            .splits
+            .get(copy.split)
+            .and_then(|s| s.shadow.as_ref())
+            .map_or(0, |sh| sh.max_in_flight as usize);
+        if copy.too_large {
+            self.metrics.shadow_skipped(copy.split, "body_too_large");
+            return;
+        }
+        let pending = self.copies.borrow().len() + self.queued.borrow().len();
+        if pending >= max {
+            self.metrics.shadow_skipped(copy.split, "in_flight");
+            return;
+        }
+        self.queued.borrow_mut().push(copy);
+    }
+
+    /// Sends the queued copies from the root context.
+    fn send_queued(&self) {
+        let queued = std::mem::take(&mut *self.queued.borrow_mut());
+        if queued.is_empty() {
+            return;
+        }
+        let _ = hostcalls::set_effective_context(self.root_id);
+        for copy in queued {
+            self.dispatch_copy(copy);
+        }
+    }
+
+    fn dispatch_copy(&self, copy: Copy) {
+        let Some(s) = self.cfg.splits.get(copy.split) else {
+            return;
+        };
+        let Some(sh) = &s.shadow else {
+            return;
+        };
+        let candidate = s.versions.get(sh.version).map_or("", String::as_str);
+        let mut hdrs: Vec<(&str, &str)> = Vec::with_capacity(copy.headers.len() + 4);
+        for (name, value) in &copy.headers {
+            if crate::failover::NOT_FORWARDED.contains(&name.as_str())
+                || name == ":path"
+                || headers::is_owned(name)
+            {
+                continue;
+            }
+            if let Ok(v) = std::str::from_utf8(value) {
+                hdrs.push((name.as_str(), v));
+            }
+        }
+        hdrs.push((":path", &copy.path));
+        hdrs.push((":authority", &sh.authority));
+        hdrs.push((headers::MODEL, &s.model));
+        hdrs.push((headers::VERSION, candidate));
+        hdrs.push((SHADOW_HEADER, "1"));
+        let sent = hostcalls::dispatch_http_call(
+            &sh.cluster,
+            hdrs,
+            Some(&copy.body),
+            vec![],
+            Duration::from_millis(sh.timeout_ms),
+        );
+        match sent {
+            Ok(token) => {
+                self.copies.borrow_mut().insert(token, copy.split);
+            }
+            Err(status) => {
+                self.metrics.shadow_skipped(copy.split, "dispatch");
+                debug!(
+                    "infermesh canary: cannot copy to shadow cluster {}: {status:?}",
+                    sh.cluster
+                );
+            }
+        }
+    }
+
+    /// A callout answered on the root context: `true` if it was a shadow
+    /// copy (counted here), `false` if it belongs to another stage.
+    pub fn on_copy_response(&self, token: u32, num_headers: usize) -> bool {
+        let Some(split) = self.copies.borrow_mut().remove(&token) else {
+            return false;
+        };
+        // No headers: reset or timeout.
+        let status = (num_headers > 0)
+            .then(|| {
+                hostcalls::get_map_value(
+                    proxy_wasm::types::MapType::HttpCallResponseHeaders,
+                    ":status",
+                )
+                .ok()
+                .flatten()
+            })
+            .flatten()
+            .and_then(|s| s.parse::<u32>().ok());
+        self.metrics
+            .shadow_answered(split, status.is_some_and(|s| s < 500));
+        true
+    }
+}
+
+/// Request header marking a shadow copy, so the candidate's own logs and
+/// metrics can tell copies from live traffic.
+pub const SHADOW_HEADER: &str = "x-infermesh-shadow";

@@ -7,6 +7,7 @@ use filter_core::canary::How;
 use filter_core::config::canary::CanaryConfig;
 use filter_core::guard::{Rule, State, Tally};
 use filter_core::stats::canary::*;
+use filter_core::stats::shadow;
 use filter_core::stats::tagged;
 use filter_shim::{bump, counter, gauge, set};
 use proxy_wasm::types::Status;
@@ -25,8 +26,19 @@ pub struct Metrics {
     /// Guarded splits only, `[split][version]`: the state gauge, trips
     /// per rule (`Rule::ALL` order) and outcomes (ok, error).
     guard: Vec<Vec<GuardIds>>,
+    /// Mirrored splits only, `[split]`: ok, error, and skipped per
+    /// `SKIP_REASONS`.
+    shadow: Vec<Option<ShadowIds>>,
     unmatched: u32,
     stripped: u32,
+}
+
+const SKIP_REASONS: [&str; 3] = ["in_flight", "body_too_large", "dispatch"];
+
+struct ShadowIds {
+    ok: u32,
+    error: u32,
+    skipped: [u32; 3],
 }
 
 #[derive(Default)]
@@ -58,7 +70,30 @@ impl Metrics {
         let mut weights = Vec::with_capacity(cfg.splits.len());
         let mut override_rejected = Vec::with_capacity(cfg.splits.len());
         let mut guard = Vec::with_capacity(cfg.splits.len());
+        let mut shadow_ids = Vec::with_capacity(cfg.splits.len());
         for split in &cfg.splits {
+            let mut ids = None;
+            if let Some(sh) = &split.shadow {
+                let v = split.versions.get(sh.version).map_or("", String::as_str);
+                let mv = [("model", split.model.as_str()), ("version", v)];
+                let mut skipped = [0u32; 3];
+                for (slot, reason) in skipped.iter_mut().zip(SKIP_REASONS) {
+                    *slot = counter(&tagged(
+                        shadow::SKIPPED,
+                        &[
+                            ("model", split.model.as_str()),
+                            ("version", v),
+                            ("reason", reason),
+                        ],
+                    ))?;
+                }
+                ids = Some(ShadowIds {
+                    ok: counter(&tagged(shadow::REQUESTS, &mv))?,
+                    error: counter(&tagged(shadow::ERRORS, &mv))?,
+                    skipped,
+                });
+            }
+            shadow_ids.push(ids);
             let mut ids = Vec::new();
             if split.guard.is_some() {
                 for v in &split.versions {
@@ -126,6 +161,7 @@ impl Metrics {
             weights,
             override_rejected,
             guard,
+            shadow: shadow_ids,
             unmatched: counter(UNMATCHED)?,
             stripped: counter(STRIPPED)?,
         })
@@ -203,5 +239,27 @@ impl Metrics {
                 bump(g.outcomes.get(1).copied(), u64::from(d.errors));
             }
         }
+    }
+
+    fn shadow_ids(&self, split: usize) -> Option<&ShadowIds> {
+        self.shadow.get(split)?.as_ref()
+    }
+
+    /// A copy the shadow answered (`ok`: below 500) or failed.
+    pub fn shadow_answered(&self, split: usize, ok: bool) {
+        if let Some(ids) = self.shadow_ids(split) {
+            bump(Some(if ok { ids.ok } else { ids.error }), 1);
+        }
+    }
+
+    /// A request picked for a copy that was not copied.
+    pub fn shadow_skipped(&self, split: usize, reason: &str) {
+        let id = self.shadow_ids(split).and_then(|ids| {
+            SKIP_REASONS
+                .iter()
+                .position(|r| *r == reason)
+                .and_then(|i| ids.skipped.get(i).copied())
+        });
+        bump(id, 1);
     }
 }

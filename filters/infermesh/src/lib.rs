@@ -89,7 +89,7 @@ impl Stages {
             .map_err(|e| defined("router", e))?;
         let canary = cfg
             .canary
-            .map(|c| canary::Canary::new(c, seed))
+            .map(|c| canary::Canary::new(c, seed, root_id))
             .transpose()
             .map_err(|e| defined("canary", e))?;
         let failover = cfg
@@ -146,6 +146,10 @@ impl Context for Root {
         body_size: usize,
         _num_trailers: usize,
     ) {
+        let canary = self.stages.as_ref().and_then(|s| s.canary.as_ref());
+        if canary.is_some_and(|c| c.on_copy_response(token_id, num_headers)) {
+            return;
+        }
         if let Some(f) = self.stages.as_ref().and_then(|s| s.failover.clone()) {
             let now = now_ms(self);
             f.on_root_call_response(token_id, num_headers, body_size, now);
@@ -170,15 +174,15 @@ impl RootContext for Root {
         let has_schedule = stages.canary.as_ref().is_some_and(|c| c.has_schedule());
         let body_routing = stages.router.as_ref().is_some_and(|r| r.cfg.body.is_some());
         let has_failover = stages.failover.is_some();
-        let has_guard = stages.canary.as_ref().is_some_and(|c| c.has_guard());
+        let canary_tick = stages.canary.as_ref().and_then(|c| c.tick_ms());
         self.stages = Some(stages);
         self.refresh_weights(now_ms(self));
         if has_failover {
             self.set_tick_period(Duration::from_millis(failover::TICK_MS));
         } else if body_routing {
             self.set_tick_period(Duration::from_millis(BODY_WAIT_TICK_MS));
-        } else if has_guard {
-            self.set_tick_period(Duration::from_millis(canary::GUARD_FLUSH_MS));
+        } else if let Some(ms) = canary_tick {
+            self.set_tick_period(Duration::from_millis(ms));
         } else if has_schedule {
             self.set_tick_period(Duration::from_millis(SCHEDULE_TICK_MS));
         }
@@ -197,7 +201,7 @@ impl RootContext for Root {
                 f.on_tick(now, self.ticks);
             }
             if let Some(c) = &stages.canary {
-                c.guard_tick(now);
+                c.on_tick(now);
             }
         }
     }
@@ -216,6 +220,7 @@ impl RootContext for Root {
                 hdrs: None,
                 served: None,
                 watch: None,
+                copy: None,
                 served_at: None,
                 done: false,
             })),
@@ -262,6 +267,8 @@ struct Inner {
     served: Option<Served>,
     /// The canary guard's watch on this request, until its outcome.
     watch: Option<canary::Watch>,
+    /// The shadow copy of this request, until its body is complete.
+    copy: Option<canary::Copy>,
     /// The cloud failover reports for a response that passed through.
     served_at: Option<usize>,
     /// A stage answered the request itself.
@@ -477,6 +484,9 @@ impl HttpContext for Stream {
             // The whole buffered body so far is this stream's body for
             // failover's copy.
         }
+        if let (Some(c), Some(copy)) = (&stages.canary, inner.copy.take()) {
+            inner.copy = c.copy_body(copy, &Host, body_size, end_of_stream);
+        }
         if let Some(f) = inner.failover.as_mut() {
             f.on_request_body(&Host, body_size, end_of_stream, || now_ms(&Host));
         }
@@ -500,6 +510,9 @@ impl HttpContext for Stream {
                     .map_or(0, |b| b.len());
                 f.on_request_body(&Host, size, true, || now_ms(&Host));
             }
+        }
+        if let (Some(c), Some(copy)) = (&stages.canary, inner.copy.take()) {
+            c.send_copy(copy);
         }
         if let Some(f) = inner.failover.as_mut() {
             f.on_request_trailers(|| now_ms(&Host));
@@ -634,6 +647,12 @@ impl Inner {
             if let Some((s, v)) = canary.decide(&Host, &mut hdrs, || now_ms(&Host)) {
                 self.served = Some(Served::Canary(s, v));
                 self.watch = canary.watch(s, v, || now_ms(&Host));
+                self.copy = canary.take_copy();
+                if end_of_stream {
+                    if let Some(copy) = self.copy.take() {
+                        canary.send_copy(copy);
+                    }
+                }
             }
         }
         let changed = hdrs.changed();

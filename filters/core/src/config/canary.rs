@@ -203,7 +203,7 @@ pub const SHADOW_TIMEOUT_MS: u64 = 1_000;
 pub const SHADOW_MAX_TIMEOUT_MS: u64 = 60_000;
 pub const SHADOW_MAX_IN_FLIGHT: u32 = 64;
 pub const SHADOW_MAX_IN_FLIGHT_LIMIT: u32 = 10_000;
-pub const SHADOW_MAX_BODY_BYTES: u32 = 1 << 20;
+pub const SHADOW_MAX_BODY_BYTES: u32 = 256 << 10;
 pub const SHADOW_MAX_BODY_LIMIT: u32 = 16 << 20;
 
 /// Where a sticky key is read from, tried in config order.
