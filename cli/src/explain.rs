@@ -479,9 +479,19 @@ fn guarded_weights(cfg: &CanaryConfig, req: &ExplainRequest) -> Vec<Option<Weigh
         .collect()
 }
 
-/// The guard's rules, and with stats its state per canary version.
+/// The guard's rules, and with stats its state per canary version; the
+/// shadow, if any.
 fn guard_lines(s: &Split, req: &ExplainRequest) -> String {
     let mut out = String::new();
+    if let Some(sh) = &s.shadow {
+        let _ = writeln!(
+            out,
+            "shadow:    {} of the baseline's split infer requests copied to version {} (cluster {}); its answers are never the client's",
+            pct(sh.fraction_bp),
+            s.versions.get(sh.version).map_or("?", String::as_str),
+            sh.cluster
+        );
+    }
     let Some(g) = &s.guard else {
         return out;
     };

@@ -469,7 +469,8 @@ fn explain_shows_the_guard_state_from_a_proxys_stats() {
         &cfg,
         r#"{"splits":[{"model":"digits-mlp",
              "versions":[{"name":"1","weight":50},{"name":"2","weight":50}],
-             "guard":{"window_s":2,"min_requests":20,"max_error_rate":10,"max_p99_ms_over_baseline":100}}],
+             "guard":{"window_s":2,"min_requests":20,"max_error_rate":10,"max_p99_ms_over_baseline":100},
+             "shadow":{"version":"2","fraction":0.05,"cluster":"v2"}}],
            "sticky_key":[{"header":"x-user-id"}]}"#,
     )
     .unwrap();
@@ -506,6 +507,10 @@ fn explain_shows_the_guard_state_from_a_proxys_stats() {
         "{text}"
     );
     assert!(text.contains("state unknown"), "{text}");
+    assert!(
+        text.contains("shadow:    5.00% of the baseline's split infer requests copied to version 2 (cluster v2)"),
+        "{text}"
+    );
 
     // Envoy's /stats/prometheus after the guard tripped (as the e2e test
     // reads it): the canary's state 1 and weights moved to the baseline.
