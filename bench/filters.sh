@@ -19,6 +19,7 @@
 #                   (the one module: module-canary, module-router+canary,
 #                   module-chain (all three stages), module-failover,
 #                   module-chain-post (POST body copied for replay),
+#                   module-canary-guard (module-canary with a guard),
 #                   module-unconcerned (a request no stage decides on);
 #                   the modules it replaced: canary, router+canary,
 #                   router+canary+failover, and below; see bench/envoy/run_filters.py for

@@ -211,6 +211,13 @@ ALL_VARIANTS = {
     # the variants above, one filter, one pass.
     "module-canary": Variant([MODULE({"canary": CANARY_CFG})], "header", "get", "native",
                              "infermesh.wasm, canary section only"),
+    # The same split with a guard (all three rules; the upstream is healthy,
+    # so it never trips): the guard's per-request bookkeeping.
+    "module-canary-guard": Variant([MODULE({"canary": {**CANARY_CFG, "splits": [
+        {**CANARY_CFG["splits"][0], "guard": {"window_s": 10, "max_error_rate": 5,
+                                              "max_error_rate_over_baseline": 2,
+                                              "max_p99_ms_over_baseline": 100}}]}})],
+        "header", "get", "native", "infermesh.wasm, canary section with a guard"),
     "module-router+canary": Variant([MODULE({"router": ROUTER_CFG, "canary": CANARY_CFG})], "header", "get",
                                     "native", "infermesh.wasm, router + canary sections, unpinned GET"),
     "module-chain": Variant([MODULE({"router": ROUTER_CFG, "canary": CANARY_CFG, "failover": FAILOVER_CFG})],

@@ -4,11 +4,13 @@
 use std::fmt::Write as _;
 
 use filter_core::canary::{self, Decision, Request};
-use filter_core::config::canary::CanaryConfig;
+use filter_core::config::canary::{CanaryConfig, Split};
 use filter_core::config::module::ModuleConfig;
 use filter_core::config::router::RouterConfig;
 use filter_core::hash::{bucket, BUCKETS};
 use filter_core::router;
+use filter_core::stats::canary::{GUARD_STATE, GUARD_TRIPS, WEIGHT};
+use filter_core::weights::Weights;
 use filter_core::{headers, oip};
 
 mod failover;
@@ -30,6 +32,8 @@ pub struct ExplainRequest {
     pub method: Option<String>,
     /// Cloud names to treat as unhealthy (failover).
     pub down: Vec<String>,
+    /// One proxy's `/stats/prometheus`, for the canary guard's state.
+    pub stats: Option<mesh::Stats>,
 }
 
 impl ExplainRequest {
@@ -142,7 +146,8 @@ fn canary_version(cfg: &CanaryConfig, req: &ExplainRequest) -> Option<String> {
     };
     // Unkeyed requests get a random bucket in the filter; 0 here, as the
     // canary explanation says.
-    let (split, version) = match canary::decide(cfg, &r, req.now_ms, 0) {
+    let guarded = guarded_weights(cfg, req);
+    let (split, version) = match canary::decide_guarded(cfg, &r, req.now_ms, 0, &guarded) {
         Decision::Unmatched => return None,
         Decision::Pinned { split, version } => (split, version?),
         Decision::Split { split, version, .. } => (split, version),
@@ -182,7 +187,8 @@ pub fn canary(cfg: &CanaryConfig, req: &ExplainRequest) -> String {
     };
     // The random word only matters for unkeyed requests, which are
     // explained as probabilities below.
-    let decision = canary::decide(cfg, &creq, req.now_ms, 0);
+    let guarded = guarded_weights(cfg, req);
+    let decision = canary::decide_guarded(cfg, &creq, req.now_ms, 0, &guarded);
 
     if !stripped.is_empty() {
         let _ = writeln!(
@@ -215,7 +221,9 @@ pub fn canary(cfg: &CanaryConfig, req: &ExplainRequest) -> String {
     let Some(s) = cfg.splits.get(split) else {
         return out;
     };
-    let weights = s.weights_at(req.now_ms);
+    let configured = s.weights_at(req.now_ms);
+    let in_force = guarded.get(split).and_then(Option::as_ref);
+    let weights = in_force.unwrap_or(configured);
     let shares: Vec<String> = s
         .versions
         .iter()
@@ -229,9 +237,15 @@ pub fn canary(cfg: &CanaryConfig, req: &ExplainRequest) -> String {
     };
     let _ = writeln!(
         out,
-        "split:     splits[{split}]: {} ({step})",
-        shares.join(" ")
+        "split:     splits[{split}]: {} ({step}{})",
+        shares.join(" "),
+        if in_force.is_some() {
+            "; the guard's weights, from the stats"
+        } else {
+            ""
+        }
     );
+    out.push_str(&guard_lines(s, req));
 
     let version_name = |i: usize| s.versions.get(i).map_or("?", String::as_str);
     let chosen = match decision {
@@ -418,6 +432,121 @@ pub fn router(cfg: &RouterConfig, req: &ExplainRequest) -> String {
                 miss.as_str()
             );
         }
+    }
+    out
+}
+
+/// The state gauge value of a guarded version in `stats`, as a word.
+fn guard_state(stats: &mesh::Stats, model: &str, version: &str) -> Option<&'static str> {
+    let v = stats.get(GUARD_STATE, &[("model", model), ("version", version)])?;
+    Some(match v as u64 {
+        0 => "normal",
+        1 => "tripped",
+        2 => "probing",
+        _ => "unknown",
+    })
+}
+
+/// Per split, the weights the proxy whose stats were given routes on,
+/// when its guard took a canary out (`None`: the config's weights).
+fn guarded_weights(cfg: &CanaryConfig, req: &ExplainRequest) -> Vec<Option<Weights>> {
+    let Some(stats) = &req.stats else {
+        return Vec::new();
+    };
+    cfg.splits
+        .iter()
+        .map(|s| {
+            s.guard.as_ref()?;
+            let disturbed = s
+                .versions
+                .iter()
+                .skip(1)
+                .any(|v| guard_state(stats, &s.model, v).is_some_and(|st| st != "normal"));
+            if !disturbed {
+                return None;
+            }
+            let bp: Option<Vec<u32>> = s
+                .versions
+                .iter()
+                .map(|v| {
+                    stats
+                        .get(WEIGHT, &[("model", &s.model), ("version", v)])
+                        .map(|w| w as u32)
+                })
+                .collect();
+            Weights::new(bp?).ok()
+        })
+        .collect()
+}
+
+/// The guard's rules, and with stats its state per canary version; the
+/// shadow, if any.
+fn guard_lines(s: &Split, req: &ExplainRequest) -> String {
+    let mut out = String::new();
+    if let Some(sh) = &s.shadow {
+        let _ = writeln!(
+            out,
+            "shadow:    {} of the baseline's split infer requests copied to version {} (cluster {}); its answers are never the client's",
+            pct(sh.fraction_bp),
+            s.versions.get(sh.version).map_or("?", String::as_str),
+            sh.cluster
+        );
+    }
+    let Some(g) = &s.guard else {
+        return out;
+    };
+    let mut rules = Vec::new();
+    if let Some(bp) = g.max_error_rate_bp {
+        rules.push(format!("error rate > {}", pct(bp)));
+    }
+    if let Some(bp) = g.max_error_rate_over_baseline_bp {
+        rules.push(format!("error rate > baseline + {}", pct(bp)));
+    }
+    if let Some(ms) = g.max_p99_ms_over_baseline {
+        rules.push(format!("p99 > baseline + {ms} ms"));
+    }
+    let after = match g.cool_off_ms {
+        Some(ms) => format!(", probed at {} after {} s", pct(g.probe_bp), ms / 1000),
+        None => " until the config changes".to_owned(),
+    };
+    let _ = writeln!(
+        out,
+        "guard:     {} over {} ms with >= {} requests; {}{after}",
+        rules.join(", "),
+        g.window_ms,
+        g.min_requests,
+        g.action.as_str()
+    );
+    let Some(stats) = &req.stats else {
+        let _ = writeln!(
+            out,
+            "guard:     state unknown (pass --stats with a proxy's /stats/prometheus)"
+        );
+        return out;
+    };
+    for v in s.versions.iter().skip(1) {
+        let labels = [("model", s.model.as_str()), ("version", v.as_str())];
+        let state = guard_state(stats, &s.model, v).unwrap_or("not in the stats");
+        let trips: Vec<String> = stats
+            .matching(GUARD_TRIPS, &labels)
+            .filter(|t| t.value > 0.0)
+            .map(|t| {
+                format!(
+                    "{} x{}",
+                    t.labels.get("reason").map_or("?", String::as_str),
+                    t.value
+                )
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "guard:     version {v}: {state}{}",
+            if trips.is_empty() {
+                String::new()
+            } else {
+                format!(" (trips: {})", trips.join(", "))
+            }
+        );
     }
     out
 }

@@ -47,10 +47,13 @@ USAGE:
                     [-X METHOD] [-H 'name: value']...
                     [--body JSON | --body-file FILE]
                     [--at RFC3339 | --at-ms MS] [--down CLOUD[,CLOUD]...]
+                    [--stats FILE]
       Print the decision the filter would take for that request
       (--body for model-router body routing and the failover replay
       buffer, --at for canary schedules, --down for failover: clouds to
-      treat as unhealthy). The method defaults to POST with a body or on
+      treat as unhealthy, --stats for the canary guard: a proxy's
+      /stats/prometheus, whose guard state and weights in force the
+      decision then uses). The method defaults to POST with a body or on
       an OIP infer path, else GET.
 
   infermesh inject -f FILE|- [--namespace-enabled] [-o yaml|json] [OPTIONS]
@@ -166,6 +169,11 @@ fn run_explain(args: &[String]) -> Result<ExitCode, String> {
             "--filter" => filter = Some(filter_arg(value()?)?),
             "--path" => req.path = value()?.clone(),
             "-X" | "--method" => req.method = Some(value()?.clone()),
+            "--stats" => {
+                let f = value()?;
+                let text = std::fs::read_to_string(f).map_err(|e| format!("{f}: {e}"))?;
+                req.stats = Some(mesh::Stats::try_parse(&text).map_err(|e| format!("{f}: {e}"))?);
+            }
             "--down" => req.down.extend(
                 value()?
                     .split(',')

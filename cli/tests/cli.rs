@@ -491,3 +491,102 @@ fn explain_failover_reads_an_empty_model_header_as_the_filter_does() {
     );
     assert!(named.contains(r#""model":"digits-mlp""#), "{named}");
 }
+
+#[test]
+fn explain_shows_the_guard_state_from_a_proxys_stats() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("canary.json");
+    std::fs::write(
+        &cfg,
+        r#"{"splits":[{"model":"digits-mlp",
+             "versions":[{"name":"1","weight":50},{"name":"2","weight":50}],
+             "guard":{"window_s":2,"min_requests":20,"max_error_rate":10,"max_p99_ms_over_baseline":100},
+             "shadow":{"version":"2","fraction":0.05,"cluster":"v2"}}],
+           "sticky_key":[{"header":"x-user-id"}]}"#,
+    )
+    .unwrap();
+    // A key the configured 50/50 split sends to the canary.
+    let user = (0..)
+        .map(|i| format!("user-{i}"))
+        .find(|k| filter_core::hash::bucket("digits-mlp", k.as_bytes()) < 5_000)
+        .unwrap();
+    let explain = |extra: &[&str]| {
+        let mut args = vec![
+            "explain",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--path",
+            "/v2/models/digits-mlp/infer",
+            "-H",
+        ];
+        let header = format!("x-user-id: {user}");
+        args.push(&header);
+        args.extend_from_slice(extra);
+        let out = run(&args);
+        (
+            out.status.code(),
+            stdout(&out),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+
+    let (code, text, _) = explain(&[]);
+    assert_eq!(code, Some(0));
+    assert!(text.contains("sets:      x-infermesh-version: 2"), "{text}");
+    assert!(
+        text.contains("guard:     error rate > 10.00%, p99 > baseline + 100 ms over 2000 ms with >= 20 requests; rollback until the config changes"),
+        "{text}"
+    );
+    assert!(text.contains("state unknown"), "{text}");
+    assert!(
+        text.contains("shadow:    5.00% of the baseline's split infer requests copied to version 2 (cluster v2)"),
+        "{text}"
+    );
+
+    // Envoy's /stats/prometheus after the guard tripped (as the e2e test
+    // reads it): the canary's state 1 and weights moved to the baseline.
+    let tripped = dir.path().join("tripped.prom");
+    std::fs::write(
+        &tripped,
+        "# TYPE infermesh_canary_guard_state gauge\n\
+         infermesh_canary_guard_state{model=\"digits-mlp\",version=\"1\"} 0\n\
+         infermesh_canary_guard_state{model=\"digits-mlp\",version=\"2\"} 1\n\
+         infermesh_canary_guard_trips_total{model=\"digits-mlp\",version=\"2\",reason=\"error_rate\"} 1\n\
+         infermesh_canary_guard_trips_total{model=\"digits-mlp\",version=\"2\",reason=\"p99_over_baseline\"} 0\n\
+         infermesh_canary_weight_bp{model=\"digits-mlp\",version=\"1\"} 10000\n\
+         infermesh_canary_weight_bp{model=\"digits-mlp\",version=\"2\"} 0\n",
+    )
+    .unwrap();
+    let (code, text, _) = explain(&["--stats", tripped.to_str().unwrap()]);
+    assert_eq!(code, Some(0));
+    assert!(
+        text.contains("guard:     version 2: tripped (trips: error_rate x1)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("1=100.00% 2=0.00% (no schedule; the guard's weights, from the stats)"),
+        "{text}"
+    );
+    assert!(text.contains("sets:      x-infermesh-version: 1"), "{text}");
+
+    let normal = dir.path().join("normal.prom");
+    std::fs::write(
+        &normal,
+        "infermesh_canary_guard_state{model=\"digits-mlp\",version=\"2\"} 0\n\
+         infermesh_canary_weight_bp{model=\"digits-mlp\",version=\"1\"} 5000\n\
+         infermesh_canary_weight_bp{model=\"digits-mlp\",version=\"2\"} 5000\n",
+    )
+    .unwrap();
+    let (_, text, _) = explain(&["--stats", normal.to_str().unwrap()]);
+    assert!(text.contains("guard:     version 2: normal"), "{text}");
+    assert!(text.contains("sets:      x-infermesh-version: 2"), "{text}");
+
+    let garbage = dir.path().join("garbage.prom");
+    std::fs::write(&garbage, "infermesh_canary_guard_state{model= 1\n").unwrap();
+    let (code, _, err) = explain(&["--stats", garbage.to_str().unwrap()]);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("unreadable stats line 1"), "{err}");
+    let (code, _, err) = explain(&["--stats", "/nonexistent/stats.prom"]);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("/nonexistent/stats.prom"), "{err}");
+}

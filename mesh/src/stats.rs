@@ -24,12 +24,20 @@ impl Stats {
     /// Parses the Prometheus text format (comments and blank lines skipped).
     /// Panics on a line it cannot read, with the line.
     pub fn parse(text: &str) -> Stats {
+        Stats::try_parse(text).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Stats::parse`], with an error naming the first unreadable line.
+    pub fn try_parse(text: &str) -> Result<Stats, String> {
         let samples = text
             .lines()
-            .filter(|l| !l.is_empty() && !l.starts_with('#'))
-            .map(|l| parse_line(l).unwrap_or_else(|| panic!("unreadable stats line: {l:?}")))
-            .collect();
-        Stats { samples }
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty() && !l.starts_with('#'))
+            .map(|(i, l)| {
+                parse_line(l).ok_or_else(|| format!("unreadable stats line {}: {l:?}", i + 1))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Stats { samples })
     }
 
     /// Samples of metric `name` (with or without Envoy's `envoy_` prefix)

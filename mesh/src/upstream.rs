@@ -6,13 +6,15 @@
 //! so a test can check per request where Envoy sent it and what it carried.
 //!
 //! A [`Mode`] turns it into a failing cloud: answering 5xx, hanging
-//! without an answer, or resetting every connection; [`Upstream::kill`]
+//! without an answer, or resetting every connection; or a bad version:
+//! failing a share of requests, or answering late; [`Upstream::kill`]
 //! stops it listening (connect refused). Requests are recorded in every
 //! mode.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -45,22 +47,38 @@ pub enum Mode {
     Hang,
     /// Reads the request, then closes the connection without an answer.
     Reset,
+    /// This status for `percent` of the requests, spread evenly (of any
+    /// 100 consecutive requests in this mode, exactly `percent` fail); the
+    /// others are answered as in `Ok`.
+    Flaky { status: u16, percent: u8 },
+    /// Answers as in `Ok`, this many ms late.
+    Delay(u32),
 }
 
 #[derive(Debug, Default)]
 struct ModeCell {
     kind: AtomicU8,
     status: AtomicU16,
+    param: AtomicU32,
+    /// Requests answered in `Flaky` mode so far.
+    flaky_seq: AtomicU64,
+    /// `Some(v)`: `Flaky` fails only requests whose `x-infermesh-version`
+    /// is `v` (one version of a model is bad on this upstream).
+    flaky_version: Mutex<Option<String>>,
 }
 
 impl ModeCell {
     fn set(&self, m: Mode) {
-        let (k, s) = match m {
-            Mode::Ok => (0, 200),
-            Mode::Status(s) => (1, s),
-            Mode::Hang => (2, 0),
-            Mode::Reset => (3, 0),
+        let (k, s, p) = match m {
+            Mode::Ok => (0, 200, 0),
+            Mode::Status(s) => (1, s, 0),
+            Mode::Hang => (2, 0, 0),
+            Mode::Reset => (3, 0, 0),
+            Mode::Flaky { status, percent } => (4, status, u32::from(percent.min(100))),
+            Mode::Delay(ms) => (5, 200, ms),
         };
+        self.flaky_seq.store(0, Ordering::SeqCst);
+        self.param.store(p, Ordering::SeqCst);
         self.status.store(s, Ordering::SeqCst);
         self.kind.store(k, Ordering::SeqCst);
     }
@@ -70,8 +88,21 @@ impl ModeCell {
             1 => Mode::Status(self.status.load(Ordering::SeqCst)),
             2 => Mode::Hang,
             3 => Mode::Reset,
+            4 => Mode::Flaky {
+                status: self.status.load(Ordering::SeqCst),
+                percent: u8::try_from(self.param.load(Ordering::SeqCst)).unwrap_or(100),
+            },
+            5 => Mode::Delay(self.param.load(Ordering::SeqCst)),
             _ => Mode::Ok,
         }
+    }
+
+    /// Whether the next `Flaky` request fails: request `n` fails when
+    /// `floor((n + 1) p / 100)` steps past `floor(n p / 100)`.
+    fn flaky_fails(&self, percent: u8) -> bool {
+        let n = self.flaky_seq.fetch_add(1, Ordering::SeqCst);
+        let p = u64::from(percent);
+        (n + 1) * p / 100 > n * p / 100
     }
 }
 
@@ -85,6 +116,11 @@ pub struct Seen {
     /// check a body arrived intact without keeping megabytes around.
     pub body_len: usize,
     pub body_digest: u64,
+    /// When the request's body had arrived.
+    pub at: Instant,
+    /// Whether this upstream answered it with an error status (or a
+    /// reset) because of its [`Mode`].
+    pub failed: bool,
 }
 
 /// FNV-1a 64 of `bytes`: cheap and good enough to tell bodies apart.
@@ -177,6 +213,16 @@ impl Upstream {
         self.mode.set(mode);
     }
 
+    /// Restricts `Flaky` failures to requests for `version` (by their
+    /// `x-infermesh-version`); `None`: every request may fail.
+    pub fn set_flaky_version(&self, version: Option<&str>) {
+        *self
+            .mode
+            .flaky_version
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = version.map(str::to_owned);
+    }
+
     /// Requests received so far.
     pub fn count(&self) -> usize {
         self.lock().len()
@@ -228,16 +274,39 @@ async fn handle(
         .get(filter_core::headers::VERSION)
         .cloned()
         .unwrap_or(HeaderValue::from_static("-"));
+    let mode_now = mode.get();
+    let failed = match mode_now {
+        Mode::Ok | Mode::Delay(_) => false,
+        Mode::Status(s) => s >= 500,
+        Mode::Hang | Mode::Reset => true,
+        Mode::Flaky { percent, .. } => {
+            let scope = mode
+                .flaky_version
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            let in_scope = scope.is_none_or(|v| saw.as_bytes() == v.as_bytes());
+            in_scope && mode.flaky_fails(percent)
+        }
+    };
     seen.lock().unwrap_or_else(|e| e.into_inner()).push(Seen {
         method: parts.method.to_string(),
         path: parts.uri.to_string(),
         headers: parts.headers,
         body_len: body.len(),
         body_digest: digest(&body),
+        at: Instant::now(),
+        failed,
     });
     let mut resp = Response::new(Full::new(Bytes::from(format!("upstream={name}\n"))));
-    match mode.get() {
+    match mode_now {
         Mode::Ok => {}
+        Mode::Flaky { status, .. } => {
+            if failed {
+                *resp.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or_default();
+            }
+        }
+        Mode::Delay(ms) => tokio::time::sleep(Duration::from_millis(u64::from(ms))).await,
         Mode::Status(s) => {
             *resp.status_mut() = hyper::StatusCode::from_u16(s).unwrap_or_default();
         }

@@ -15,6 +15,7 @@ use crate::config::canary::{CanaryConfig, KeySource};
 use crate::cookie;
 use crate::hash::{bucket, random_bucket};
 use crate::oip;
+use crate::weights::Weights;
 
 /// Facts about one request, read by the shim from the host.
 #[derive(Debug, Default, Clone)]
@@ -75,6 +76,20 @@ pub enum Decision {
 /// Decides for one request at `now_ms`; `random` is a fresh random word,
 /// used only for requests without a sticky key.
 pub fn decide(cfg: &CanaryConfig, req: &Request<'_>, now_ms: u64, random: u64) -> Decision {
+    decide_guarded(cfg, req, now_ms, random, &[])
+}
+
+/// [`decide`], with the weights a guard put in force: `guarded[split]`,
+/// when `Some`, replaces the split's scheduled weights (see
+/// [`crate::guard::Record::effective`]); a shorter slice leaves the
+/// other splits alone.
+pub fn decide_guarded(
+    cfg: &CanaryConfig,
+    req: &Request<'_>,
+    now_ms: u64,
+    random: u64,
+    guarded: &[Option<Weights>],
+) -> Decision {
     let path = oip::parse_path(req.path);
     let split_idx = match req.trusted_model {
         Some(m) => cfg.split_index(m),
@@ -113,7 +128,10 @@ pub fn decide(cfg: &CanaryConfig, req: &Request<'_>, now_ms: u64, random: u64) -
         }
     }
 
-    let weights = split.weights_at(now_ms);
+    let weights = match guarded.get(split_idx) {
+        Some(Some(w)) => w,
+        _ => split.weights_at(now_ms),
+    };
     let (version, how) = match req.sticky_key {
         Some(key) => (weights.pick(bucket(&split.model, key)), How::Keyed),
         None => (weights.pick(random_bucket(random)), How::Unkeyed),

@@ -21,12 +21,14 @@ pub mod canary;
 pub mod config;
 pub mod cookie;
 pub mod failover;
+pub mod guard;
 pub mod hash;
 pub mod headers;
 pub mod jsonscan;
 pub mod oip;
 pub mod router;
 pub mod schedule;
+pub mod shadow;
 pub mod stats;
 pub mod weights;
 

@@ -38,6 +38,22 @@ pub mod canary {
     pub const UNMATCHED: &str = "infermesh_canary_unmatched_total";
     pub const STRIPPED: &str = "infermesh_canary_stripped_headers_total";
     pub const WEIGHT: &str = "infermesh_canary_weight_bp";
+    /// Gauge per canary version: 0 normal, 1 tripped, 2 probing.
+    pub const GUARD_STATE: &str = "infermesh_canary_guard_state";
+    /// Trips per canary version, tagged with the rule as `reason`.
+    pub const GUARD_TRIPS: &str = "infermesh_canary_guard_trips_total";
+    /// Outcomes the guard counted per version (`outcome`: ok, error).
+    pub const GUARD_OUTCOMES: &str = "infermesh_canary_guard_outcomes_total";
+}
+
+pub mod shadow {
+    /// Copies sent to the shadow version that it answered below 500.
+    pub const REQUESTS: &str = "infermesh_shadow_requests_total";
+    /// Copies that failed: a 5xx, a reset or no answer in time.
+    pub const ERRORS: &str = "infermesh_shadow_errors_total";
+    /// Requests picked for a copy but not copied (`reason`: in_flight,
+    /// body_too_large, dispatch).
+    pub const SKIPPED: &str = "infermesh_shadow_skipped_total";
 }
 
 pub mod failover {

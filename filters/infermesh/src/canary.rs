@@ -3,14 +3,29 @@
 //! Reads host facts (headers from the request copy, time, a random word),
 //! asks the core, and writes the decision as `x-infermesh-version`. All
 //! logic and every invariant live in `filter-core`.
+//!
+//! **Guard.** For a split with a guard, a request routed to one of its
+//! versions is watched ([`Watch`]): its outcome (5xx or reset, and the
+//! time to response headers) goes into this VM's pending tally, with no
+//! host call beyond the clock. The root's tick adds the pending tallies
+//! to the split's shared [`Record`] (one compare-and-swap per split per
+//! flush), steps the rules, and reads back the state every worker
+//! shares; the weights a tripped or probed canary routes on are cached
+//! here, so a request pays one borrow, not a shared-data read.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::time::Duration;
 
 use filter_core::canary::{self, Decision, How, Request};
-use filter_core::config::canary::CanaryConfig;
+use filter_core::config::canary::{CanaryConfig, Guard, GuardAction};
+use filter_core::guard::{self, Record, State, Tally, Transition};
 use filter_core::hash::fmix64;
 use filter_core::headers;
-use log::{debug, info};
+use filter_core::shadow;
+use filter_core::weights::Weights;
+use log::{debug, info, warn};
+use proxy_wasm::hostcalls;
 use proxy_wasm::traits::HttpContext;
 use proxy_wasm::types::Status;
 
@@ -28,12 +43,70 @@ pub struct Canary {
     rng: Cell<u64>,
     /// Any split steps on a schedule (then decisions need the clock).
     has_schedule: bool,
+    /// Per split: its guard's host state, if it has a guard.
+    guards: Vec<Option<Guarded>>,
+    /// Per split: the weights a guard put in force (empty: no guards).
+    effective: RefCell<Vec<Option<Weights>>>,
+    /// When the guards last flushed.
+    flushed_at_ms: Cell<u64>,
+    /// The root context, which owns the shadow copies' callouts (a
+    /// stream's callouts end with the stream).
+    root_id: u32,
+    /// The copy the last decision started, for the stream to take.
+    started_copy: RefCell<Option<Copy>>,
+    /// Complete copies waiting for the root's tick to send them: a
+    /// callout made in a stream's callback belongs to the stream, and its
+    /// answer is lost when the stream ends first.
+    queued: RefCell<Vec<Copy>>,
+    /// Copies in flight: callout token -> split.
+    copies: RefCell<HashMap<u32, usize>>,
+    /// Any split mirrors (then the root must tick).
+    has_shadow: bool,
+}
+
+/// How often the root sends queued shadow copies: the most a copy waits.
+pub const SHADOW_TICK_MS: u64 = 20;
+
+/// A request being copied to its split's shadow version: the request
+/// headers as they went upstream and the body so far.
+pub struct Copy {
+    split: usize,
+    path: String,
+    headers: Vec<(String, Vec<u8>)>,
+    body: Vec<u8>,
+    too_large: bool,
+}
+
+/// How often the guards flush this VM's outcomes and read the shared
+/// state: the bound on how stale a VM's view of a trip is.
+pub const GUARD_FLUSH_MS: u64 = 50;
+/// Compare-and-swap attempts per flush; a flush that loses them all keeps
+/// its outcomes for the next one.
+const CAS_TRIES: usize = 8;
+
+/// A guarded split's host side.
+struct Guarded {
+    key: String,
+    fingerprint: u32,
+    /// Outcomes of this VM not yet in shared data, per version.
+    pending: RefCell<Vec<Tally>>,
+    /// The states as this VM last saw them, per version.
+    states: RefCell<Vec<State>>,
+}
+
+/// A request routed to a guarded split's version: what its outcome is
+/// recorded against.
+#[derive(Debug, Clone, Copy)]
+pub struct Watch {
+    split: usize,
+    version: usize,
+    sent_at_ms: u64,
 }
 
 impl Canary {
     /// `seed` seeds unkeyed picks; no fairness depends on it beyond a
     /// uniform spread.
-    pub fn new(cfg: CanaryConfig, seed: u64) -> Result<Canary, Status> {
+    pub fn new(cfg: CanaryConfig, seed: u64, root_id: u32) -> Result<Canary, Status> {
         let metrics = Metrics::define(&cfg)?;
         let served_by = cfg
             .splits
@@ -54,8 +127,33 @@ impl Canary {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
+        let guards: Vec<Option<Guarded>> = cfg
+            .splits
+            .iter()
+            .map(|s| {
+                s.guard.as_ref().map(|_| Guarded {
+                    key: guard::shared_key(&s.model),
+                    fingerprint: guard::fingerprint(s),
+                    pending: RefCell::new(vec![Tally::default(); s.versions.len()]),
+                    states: RefCell::new(vec![State::Normal; s.versions.len()]),
+                })
+            })
+            .collect();
+        let effective = if guards.iter().any(Option::is_some) {
+            vec![None; cfg.splits.len()]
+        } else {
+            Vec::new()
+        };
         Ok(Canary {
             has_schedule: cfg.splits.iter().any(|s| s.schedule.is_some()),
+            guards,
+            effective: RefCell::new(effective),
+            flushed_at_ms: Cell::new(0),
+            root_id,
+            started_copy: RefCell::new(None),
+            queued: RefCell::new(Vec::new()),
+            copies: RefCell::new(HashMap::new()),
+            has_shadow: cfg.splits.iter().any(|s| s.shadow.is_some()),
             served_by,
             cfg,
             metrics,
@@ -97,7 +195,8 @@ impl Canary {
             override_version: cfg.override_header.as_deref().and_then(|h| hdrs.get(h)),
             sticky_key: sticky_key.as_deref(),
         };
-        let decision = canary::decide(cfg, &req, now, self.random());
+        let decision =
+            canary::decide_guarded(cfg, &req, now, self.random(), &self.effective.borrow());
         let (split, version) = match decision {
             Decision::Unmatched => {
                 self.metrics.unmatched();
@@ -121,6 +220,7 @@ impl Canary {
                 if how == How::Override {
                     debug!("infermesh canary: override to version index {version}");
                 }
+                self.start_copy(hdrs, split, version, how);
                 (split, version)
             }
         };
@@ -135,8 +235,12 @@ impl Canary {
     /// once; `steps` is the root's memory of the active step per split.
     pub fn refresh_weights(&self, now_ms: u64, steps: &mut Vec<Option<usize>>) {
         steps.resize(self.cfg.splits.len(), None);
+        let effective = self.effective.borrow();
         for (i, split) in self.cfg.splits.iter().enumerate() {
-            let weights = split.weights_at(now_ms);
+            let weights = match effective.get(i) {
+                Some(Some(w)) => w,
+                _ => split.weights_at(now_ms),
+            };
             self.metrics.set_weights(i, weights.as_bp());
             let step = split
                 .schedule
@@ -158,3 +262,354 @@ impl Canary {
         }
     }
 }
+
+impl Canary {
+    /// How often the root must tick for this stage, if at all: to send
+    /// shadow copies, or to flush the guards.
+    pub fn tick_ms(&self) -> Option<u64> {
+        if self.has_shadow {
+            Some(SHADOW_TICK_MS)
+        } else if !self.effective.borrow().is_empty() {
+            Some(GUARD_FLUSH_MS)
+        } else {
+            None
+        }
+    }
+
+    /// The root's tick.
+    pub fn on_tick(&self, now_ms: u64) {
+        self.guard_tick(now_ms);
+        self.send_queued();
+    }
+
+    /// A watch on a request routed to `version` of `split`, if the split
+    /// is guarded; `now_ms` is read only then.
+    pub fn watch(
+        &self,
+        split: usize,
+        version: usize,
+        now_ms: impl FnOnce() -> u64,
+    ) -> Option<Watch> {
+        matches!(self.guards.get(split), Some(Some(_))).then(|| Watch {
+            split,
+            version,
+            sent_at_ms: now_ms(),
+        })
+    }
+
+    /// Records a watched request's outcome: `status` of the response
+    /// headers, `None` for a stream that ended without them (a reset).
+    pub fn observe(&self, w: Watch, status: Option<u32>, now_ms: u64) {
+        let Some(Some(g)) = self.guards.get(w.split) else {
+            return;
+        };
+        let ok = status.is_some_and(|s| s < 500);
+        if let Some(t) = g.pending.borrow_mut().get_mut(w.version) {
+            t.record(ok, now_ms.saturating_sub(w.sent_at_ms));
+        }
+    }
+
+    /// The root's tick: every [`GUARD_FLUSH_MS`], flushes each guarded
+    /// split's pending outcomes, steps its rules and takes in the state.
+    fn guard_tick(&self, now_ms: u64) {
+        if now_ms.saturating_sub(self.flushed_at_ms.get()) < GUARD_FLUSH_MS {
+            return;
+        }
+        self.flushed_at_ms.set(now_ms);
+        for (i, g) in self.guards.iter().enumerate() {
+            let (Some(g), Some(split)) = (g, self.cfg.splits.get(i)) else {
+                continue;
+            };
+            let Some(cfg) = &split.guard else {
+                continue;
+            };
+            let deltas = std::mem::replace(
+                &mut *g.pending.borrow_mut(),
+                vec![Tally::default(); split.versions.len()],
+            );
+            match self.flush(g, split.versions.len(), cfg, &deltas, now_ms) {
+                Some((rec, transitions)) => {
+                    self.metrics.outcomes(i, &deltas);
+                    for t in &transitions {
+                        self.log_transition(i, cfg, t);
+                    }
+                    self.take_in(i, &rec, now_ms);
+                }
+                None => {
+                    // Shared data failed or every CAS lost: keep the
+                    // outcomes for the next flush.
+                    for (p, d) in g.pending.borrow_mut().iter_mut().zip(&deltas) {
+                        p.add(d);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Read–modify–write of a split's record; `None` if shared data
+    /// failed or every CAS lost.
+    fn flush(
+        &self,
+        g: &Guarded,
+        versions: usize,
+        cfg: &Guard,
+        deltas: &[Tally],
+        now_ms: u64,
+    ) -> Option<(Record, Vec<Transition>)> {
+        let any = deltas.iter().any(|d| !d.is_empty());
+        for _ in 0..CAS_TRIES {
+            let (bytes, cas) = hostcalls::get_shared_data(&g.key).ok()?;
+            let mut rec = Record::decode_or_fresh(bytes.as_deref(), g.fingerprint, versions);
+            rec.add(cfg, now_ms, deltas);
+            let transitions = rec.step(cfg, now_ms);
+            if any || !transitions.is_empty() {
+                let bytes = rec.encode(g.fingerprint);
+                if hostcalls::set_shared_data(&g.key, Some(&bytes), cas).is_err() {
+                    continue;
+                }
+            }
+            return Some((rec, transitions));
+        }
+        debug!(
+            "infermesh canary guard: update of {} lost {CAS_TRIES} CAS races",
+            g.key
+        );
+        None
+    }
+
+    /// Takes a record's states into this VM: gauges, and the weights
+    /// decisions route on.
+    fn take_in(&self, split: usize, rec: &Record, now_ms: u64) {
+        let (Some(Some(g)), Some(s)) = (self.guards.get(split), self.cfg.splits.get(split)) else {
+            return;
+        };
+        let Some(cfg) = &s.guard else {
+            return;
+        };
+        let mut changed = false;
+        for (v, seen) in g.states.borrow_mut().iter_mut().enumerate() {
+            let now = rec.state(v);
+            if *seen != now {
+                *seen = now;
+                changed = true;
+                self.metrics.set_guard_state(split, v, now);
+            }
+        }
+        let weights = rec.effective(s, cfg, now_ms);
+        if let Some(slot) = self.effective.borrow_mut().get_mut(split) {
+            *slot = weights;
+        }
+        if changed {
+            let effective = self.effective.borrow();
+            let w = match effective.get(split) {
+                Some(Some(w)) => w,
+                _ => s.weights_at(now_ms),
+            };
+            self.metrics.set_weights(split, w.as_bp());
+        }
+    }
+
+    /// The one log line per transition, from the VM that made it.
+    fn log_transition(&self, split: usize, cfg: &Guard, t: &Transition) {
+        let Some(s) = self.cfg.splits.get(split) else {
+            return;
+        };
+        let version = s.versions.get(t.version).map_or("?", String::as_str);
+        match (t.to, &t.verdict) {
+            (State::Tripped, Some(v)) => {
+                self.metrics.trip(split, t.version, v.rule);
+                let what = match cfg.action {
+                    GuardAction::Rollback => "rolled back (weight 0, traffic to the baseline)",
+                    GuardAction::Freeze => "frozen (schedule held at the current step)",
+                };
+                let until = match cfg.cool_off_ms {
+                    Some(ms) => format!("probed again after {} s", ms / 1000),
+                    None => "until the config changes".to_owned(),
+                };
+                warn!(
+                    "infermesh canary guard: model {} version {version} {what}, {until}: {}",
+                    s.model,
+                    v.describe(cfg)
+                );
+            }
+            (State::Probing, _) => info!(
+                "infermesh canary guard: model {} version {version}: cool-off over, probing with at most {}.{:02}% of traffic",
+                s.model,
+                cfg.probe_bp / 100,
+                cfg.probe_bp % 100
+            ),
+            (State::Normal, _) => info!(
+                "infermesh canary guard: model {} version {version}: probe passed a full window, restored",
+                s.model
+            ),
+            (State::Tripped, None) => {}
+        }
+    }
+}
+
+/// Mirroring: the shadow copies.
+impl Canary {
+    /// Starts a copy of the request if its split mirrors it; the stream
+    /// takes it with [`Canary::take_copy`].
+    fn start_copy(&self, hdrs: &RequestHeaders, split: usize, version: usize, how: How) {
+        let Some(s) = self.cfg.splits.get(split) else {
+            return;
+        };
+        if s.shadow.is_none() {
+            return;
+        }
+        let path = hdrs.get(":path").unwrap_or_default();
+        let Some(path) = shadow::mirror_path(s, version, how, path, self.random()) else {
+            return;
+        };
+        *self.started_copy.borrow_mut() = Some(Copy {
+            split,
+            path,
+            headers: hdrs.list().to_vec(),
+            body: Vec::new(),
+            too_large: false,
+        });
+    }
+
+    /// The copy the last decision started, if any.
+    pub fn take_copy(&self) -> Option<Copy> {
+        self.started_copy.borrow_mut().take()
+    }
+
+    /// A chunk of the request body (`ctx` holds it); at the end of the
+    /// request, sends the copy. Never changes what the client's request
+    /// does.
+    pub fn copy_body(
+        &self,
+        mut copy: Copy,
+        ctx: &dyn HttpContext,
+        body_size: usize,
+        end_of_stream: bool,
+    ) -> Option<Copy> {
+        let cap = self
+            .cfg
+            .splits
+            .get(copy.split)
+            .and_then(|s| s.shadow.as_ref())
+            .map_or(0, |sh| sh.max_body_bytes as usize);
+        if !copy.too_large && body_size > 0 {
+            if copy.body.len().saturating_add(body_size) > cap {
+                copy.too_large = true;
+                copy.body = Vec::new();
+            } else if let Some(chunk) = ctx.get_http_request_body(0, body_size) {
+                copy.body.extend_from_slice(&chunk);
+            }
+        }
+        if end_of_stream {
+            self.send_copy(copy);
+            return None;
+        }
+        Some(copy)
+    }
+
+    /// Queues a complete copy for the root's next tick, within the
+    /// bounds (queued and in flight count alike).
+    pub fn send_copy(&self, copy: Copy) {
+        let max = self
+            .cfg
+            .splits
+            .get(copy.split)
+            .and_then(|s| s.shadow.as_ref())
+            .map_or(0, |sh| sh.max_in_flight as usize);
+        if copy.too_large {
+            self.metrics.shadow_skipped(copy.split, "body_too_large");
+            return;
+        }
+        let pending = self.copies.borrow().len() + self.queued.borrow().len();
+        if pending >= max {
+            self.metrics.shadow_skipped(copy.split, "in_flight");
+            return;
+        }
+        self.queued.borrow_mut().push(copy);
+    }
+
+    /// Sends the queued copies from the root context.
+    fn send_queued(&self) {
+        let queued = std::mem::take(&mut *self.queued.borrow_mut());
+        if queued.is_empty() {
+            return;
+        }
+        let _ = hostcalls::set_effective_context(self.root_id);
+        for copy in queued {
+            self.dispatch_copy(copy);
+        }
+    }
+
+    fn dispatch_copy(&self, copy: Copy) {
+        let Some(s) = self.cfg.splits.get(copy.split) else {
+            return;
+        };
+        let Some(sh) = &s.shadow else {
+            return;
+        };
+        let candidate = s.versions.get(sh.version).map_or("", String::as_str);
+        let mut hdrs: Vec<(&str, &str)> = Vec::with_capacity(copy.headers.len() + 4);
+        for (name, value) in &copy.headers {
+            if crate::failover::NOT_FORWARDED.contains(&name.as_str())
+                || name == ":path"
+                || headers::is_owned(name)
+            {
+                continue;
+            }
+            if let Ok(v) = std::str::from_utf8(value) {
+                hdrs.push((name.as_str(), v));
+            }
+        }
+        hdrs.push((":path", &copy.path));
+        hdrs.push((":authority", &sh.authority));
+        hdrs.push((headers::MODEL, &s.model));
+        hdrs.push((headers::VERSION, candidate));
+        hdrs.push((SHADOW_HEADER, "1"));
+        let sent = hostcalls::dispatch_http_call(
+            &sh.cluster,
+            hdrs,
+            Some(&copy.body),
+            vec![],
+            Duration::from_millis(sh.timeout_ms),
+        );
+        match sent {
+            Ok(token) => {
+                self.copies.borrow_mut().insert(token, copy.split);
+            }
+            Err(status) => {
+                self.metrics.shadow_skipped(copy.split, "dispatch");
+                debug!(
+                    "infermesh canary: cannot copy to shadow cluster {}: {status:?}",
+                    sh.cluster
+                );
+            }
+        }
+    }
+
+    /// A callout answered on the root context: `true` if it was a shadow
+    /// copy (counted here), `false` if it belongs to another stage.
+    pub fn on_copy_response(&self, token: u32, num_headers: usize) -> bool {
+        let Some(split) = self.copies.borrow_mut().remove(&token) else {
+            return false;
+        };
+        // No headers: reset or timeout.
+        let status = (num_headers > 0)
+            .then(|| {
+                hostcalls::get_map_value(
+                    proxy_wasm::types::MapType::HttpCallResponseHeaders,
+                    ":status",
+                )
+                .ok()
+                .flatten()
+            })
+            .flatten()
+            .and_then(|s| s.parse::<u32>().ok());
+        self.metrics
+            .shadow_answered(split, status.is_some_and(|s| s < 500));
+        true
+    }
+}
+
+/// Request header marking a shadow copy, so the candidate's own logs and
+/// metrics can tell copies from live traffic.
+pub const SHADOW_HEADER: &str = "x-infermesh-shadow";

@@ -5,7 +5,9 @@
 
 use filter_core::canary::How;
 use filter_core::config::canary::CanaryConfig;
+use filter_core::guard::{Rule, State, Tally};
 use filter_core::stats::canary::*;
+use filter_core::stats::shadow;
 use filter_core::stats::tagged;
 use filter_shim::{bump, counter, gauge, set};
 use proxy_wasm::types::Status;
@@ -21,8 +23,37 @@ pub struct Metrics {
     /// `[split][version]` gauges.
     weights: Vec<Vec<u32>>,
     override_rejected: Vec<u32>,
+    /// Guarded splits only, `[split][version]`: the state gauge, trips
+    /// per rule (`Rule::ALL` order) and outcomes (ok, error).
+    guard: Vec<Vec<GuardIds>>,
+    /// Mirrored splits only, `[split]`: ok, error, and skipped per
+    /// `SKIP_REASONS`.
+    shadow: Vec<Option<ShadowIds>>,
     unmatched: u32,
     stripped: u32,
+}
+
+const SKIP_REASONS: [&str; 3] = ["in_flight", "body_too_large", "dispatch"];
+
+struct ShadowIds {
+    ok: u32,
+    error: u32,
+    skipped: [u32; 3],
+}
+
+#[derive(Default)]
+struct GuardIds {
+    state: u32,
+    trips: [u32; 3],
+    outcomes: [u32; 2],
+}
+
+fn rule_index(rule: Rule) -> usize {
+    match rule {
+        Rule::ErrorRate => 0,
+        Rule::ErrorRateOverBaseline => 1,
+        Rule::P99OverBaseline => 2,
+    }
 }
 
 fn how_index(how: How) -> usize {
@@ -38,7 +69,61 @@ impl Metrics {
         let mut requests = Vec::with_capacity(cfg.splits.len());
         let mut weights = Vec::with_capacity(cfg.splits.len());
         let mut override_rejected = Vec::with_capacity(cfg.splits.len());
+        let mut guard = Vec::with_capacity(cfg.splits.len());
+        let mut shadow_ids = Vec::with_capacity(cfg.splits.len());
         for split in &cfg.splits {
+            let mut ids = None;
+            if let Some(sh) = &split.shadow {
+                let v = split.versions.get(sh.version).map_or("", String::as_str);
+                let mv = [("model", split.model.as_str()), ("version", v)];
+                let mut skipped = [0u32; 3];
+                for (slot, reason) in skipped.iter_mut().zip(SKIP_REASONS) {
+                    *slot = counter(&tagged(
+                        shadow::SKIPPED,
+                        &[
+                            ("model", split.model.as_str()),
+                            ("version", v),
+                            ("reason", reason),
+                        ],
+                    ))?;
+                }
+                ids = Some(ShadowIds {
+                    ok: counter(&tagged(shadow::REQUESTS, &mv))?,
+                    error: counter(&tagged(shadow::ERRORS, &mv))?,
+                    skipped,
+                });
+            }
+            shadow_ids.push(ids);
+            let mut ids = Vec::new();
+            if split.guard.is_some() {
+                for v in &split.versions {
+                    let mv = [("model", split.model.as_str()), ("version", v.as_str())];
+                    let tag = |k, val| {
+                        [
+                            ("model", split.model.as_str()),
+                            ("version", v.as_str()),
+                            (k, val),
+                        ]
+                    };
+                    let mut g = GuardIds {
+                        state: gauge(&tagged(GUARD_STATE, &mv))?,
+                        ..GuardIds::default()
+                    };
+                    for rule in Rule::ALL {
+                        if let Some(slot) = g.trips.get_mut(rule_index(rule)) {
+                            *slot = counter(&tagged(GUARD_TRIPS, &tag("reason", rule.as_str())))?;
+                        }
+                    }
+                    for (slot, outcome) in g.outcomes.iter_mut().zip(["ok", "error"]) {
+                        *slot = counter(&tagged(GUARD_OUTCOMES, &tag("outcome", outcome)))?;
+                    }
+                    // A fresh VM starts normal until the shared state says
+                    // otherwise.
+                    set(g.state, 0);
+                    ids.push(g);
+                }
+            }
+            guard.push(ids);
             let mut per_version = Vec::with_capacity(split.versions.len());
             let mut gauges = Vec::with_capacity(split.versions.len());
             for v in &split.versions {
@@ -75,6 +160,8 @@ impl Metrics {
             requests,
             weights,
             override_rejected,
+            guard,
+            shadow: shadow_ids,
             unmatched: counter(UNMATCHED)?,
             stripped: counter(STRIPPED)?,
         })
@@ -119,5 +206,60 @@ impl Metrics {
         for (id, w) in ids.iter().zip(bp) {
             set(*id, u64::from(*w));
         }
+    }
+
+    fn guard_ids(&self, split: usize, version: usize) -> Option<&GuardIds> {
+        self.guard.get(split)?.get(version)
+    }
+
+    pub fn set_guard_state(&self, split: usize, version: usize, state: State) {
+        if let Some(g) = self.guard_ids(split, version) {
+            set(g.state, state.gauge());
+        }
+    }
+
+    pub fn trip(&self, split: usize, version: usize, rule: Rule) {
+        let id = self
+            .guard_ids(split, version)
+            .and_then(|g| g.trips.get(rule_index(rule)).copied());
+        bump(id, 1);
+    }
+
+    /// Counts a flush's outcomes, `deltas[version]`.
+    pub fn outcomes(&self, split: usize, deltas: &[Tally]) {
+        for (v, d) in deltas.iter().enumerate() {
+            let Some(g) = self.guard_ids(split, v) else {
+                continue;
+            };
+            let ok = d.requests.saturating_sub(d.errors);
+            if ok > 0 {
+                bump(g.outcomes.first().copied(), u64::from(ok));
+            }
+            if d.errors > 0 {
+                bump(g.outcomes.get(1).copied(), u64::from(d.errors));
+            }
+        }
+    }
+
+    fn shadow_ids(&self, split: usize) -> Option<&ShadowIds> {
+        self.shadow.get(split)?.as_ref()
+    }
+
+    /// A copy the shadow answered (`ok`: below 500) or failed.
+    pub fn shadow_answered(&self, split: usize, ok: bool) {
+        if let Some(ids) = self.shadow_ids(split) {
+            bump(Some(if ok { ids.ok } else { ids.error }), 1);
+        }
+    }
+
+    /// A request picked for a copy that was not copied.
+    pub fn shadow_skipped(&self, split: usize, reason: &str) {
+        let id = self.shadow_ids(split).and_then(|ids| {
+            SKIP_REASONS
+                .iter()
+                .position(|r| *r == reason)
+                .and_then(|i| ids.skipped.get(i).copied())
+        });
+        bump(id, 1);
     }
 }

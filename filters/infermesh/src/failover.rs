@@ -65,7 +65,7 @@ const REPLAY_HEADER: &str = "x-infermesh-replay";
 /// Request headers not copied into a callout: hop-by-hop ones, and those
 /// Envoy derives (`content-length` from the body, `:authority` from the
 /// cloud).
-const NOT_FORWARDED: &[&str] = &[
+pub(crate) const NOT_FORWARDED: &[&str] = &[
     ":authority",
     "content-length",
     "transfer-encoding",

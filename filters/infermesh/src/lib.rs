@@ -90,7 +90,7 @@ impl Stages {
             .map_err(|e| defined("router", e))?;
         let canary = cfg
             .canary
-            .map(|c| canary::Canary::new(c, seed))
+            .map(|c| canary::Canary::new(c, seed, root_id))
             .transpose()
             .map_err(|e| defined("canary", e))?;
         let failover = cfg
@@ -154,6 +154,10 @@ impl Context for Root {
         body_size: usize,
         _num_trailers: usize,
     ) {
+        let canary = self.stages.as_ref().and_then(|s| s.canary.as_ref());
+        if canary.is_some_and(|c| c.on_copy_response(token_id, num_headers)) {
+            return;
+        }
         if let Some(f) = self.stages.as_ref().and_then(|s| s.failover.clone()) {
             let now = now_ms(self);
             f.on_root_call_response(token_id, num_headers, body_size, now);
@@ -177,6 +181,7 @@ impl RootContext for Root {
         };
         let body_routing = stages.router.as_ref().is_some_and(|r| r.cfg.body.is_some());
         let has_failover = stages.failover.is_some();
+        let canary_tick = stages.canary.as_ref().and_then(|c| c.tick_ms());
         self.stages = Some(stages);
         self.refresh_weights(now_ms(self));
         // Every tick publishes the counters; a stage may tick faster.
@@ -184,6 +189,8 @@ impl RootContext for Root {
             failover::TICK_MS
         } else if body_routing {
             BODY_WAIT_TICK_MS
+        } else if let Some(ms) = canary_tick {
+            ms
         } else {
             COUNTER_FLUSH_MS
         };
@@ -202,6 +209,9 @@ impl RootContext for Root {
             if let Some(f) = &stages.failover {
                 f.on_tick(now, self.ticks);
             }
+            if let Some(c) = &stages.canary {
+                c.on_tick(now);
+            }
         }
         filter_shim::flush_counters();
     }
@@ -219,6 +229,8 @@ impl RootContext for Root {
                 failover,
                 hdrs: None,
                 served: None,
+                watch: None,
+                copy: None,
                 served_at: None,
                 done: false,
             })),
@@ -263,6 +275,10 @@ struct Inner {
     /// The header copy while model-router waits for the body.
     hdrs: Option<RequestHeaders>,
     served: Option<Served>,
+    /// The canary guard's watch on this request, until its outcome.
+    watch: Option<canary::Watch>,
+    /// The shadow copy of this request, until its body is complete.
+    copy: Option<canary::Copy>,
     /// The cloud failover reports for a response that passed through.
     served_at: Option<usize>,
     /// A stage answered the request itself.
@@ -478,6 +494,9 @@ impl HttpContext for Stream {
             // The whole buffered body so far is this stream's body for
             // failover's copy.
         }
+        if let (Some(c), Some(copy)) = (&stages.canary, inner.copy.take()) {
+            inner.copy = c.copy_body(copy, &Host, body_size, end_of_stream);
+        }
         if let Some(f) = inner.failover.as_mut() {
             f.on_request_body(&Host, body_size, end_of_stream, || now_ms(&Host));
         }
@@ -502,6 +521,9 @@ impl HttpContext for Stream {
                 f.on_request_body(&Host, size, true, || now_ms(&Host));
             }
         }
+        if let (Some(c), Some(copy)) = (&stages.canary, inner.copy.take()) {
+            c.send_copy(copy);
+        }
         if let Some(f) = inner.failover.as_mut() {
             f.on_request_trailers(|| now_ms(&Host));
         }
@@ -512,6 +534,13 @@ impl HttpContext for Stream {
         let Some((stages, mut inner)) = self.active() else {
             return Action::Continue;
         };
+        if let (Some(w), Some(c)) = (inner.watch.take(), &stages.canary) {
+            // The routed try's own status, before failover may replace it.
+            let status = Host
+                .get_http_response_header(":status")
+                .and_then(|s| s.parse().ok());
+            c.observe(w, status, now_ms(&Host));
+        }
         let mut from_failover = false;
         if let Some(f) = inner.failover.as_mut() {
             let mut served_at = None;
@@ -554,6 +583,18 @@ impl HttpContext for Stream {
         self.inner
             .try_borrow()
             .map_or(Action::Continue, |i| i.response_action())
+    }
+
+    fn on_log(&mut self) {
+        // A watched request that got no response headers was reset.
+        let watch = self
+            .inner
+            .try_borrow_mut()
+            .ok()
+            .and_then(|mut i| i.watch.take());
+        if let (Some(w), Some(c)) = (watch, self.stages.as_ref().and_then(|s| s.canary.as_ref())) {
+            c.observe(w, None, now_ms(&Host));
+        }
     }
 }
 
@@ -615,6 +656,13 @@ impl Inner {
         if let Some(canary) = &stages.canary {
             if let Some((s, v)) = canary.decide(&Host, &mut hdrs, || now_ms(&Host)) {
                 self.served = Some(Served::Canary(s, v));
+                self.watch = canary.watch(s, v, || now_ms(&Host));
+                self.copy = canary.take_copy();
+                if end_of_stream {
+                    if let Some(copy) = self.copy.take() {
+                        canary.send_copy(copy);
+                    }
+                }
             }
         }
         let changed = hdrs.changed();

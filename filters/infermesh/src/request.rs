@@ -65,6 +65,11 @@ impl RequestHeaders {
         stripped
     }
 
+    /// The headers as they stand.
+    pub fn list(&self) -> &[(String, Bytes)] {
+        &self.list
+    }
+
     /// The headers, for a replay.
     pub fn into_list(self) -> Vec<(String, Bytes)> {
         self.list

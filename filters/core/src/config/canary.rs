@@ -9,6 +9,12 @@
 //!       "start": "2026-12-01T09:00:00Z",
 //!       "steps": [{"after_s": 0, "weights": {"2": 1}},
 //!                 {"after_s": 3600, "weights": {"2": 5}}]
+//!     },
+//!     "guard": {
+//!       "window_s": 10, "min_requests": 50,
+//!       "max_error_rate": 5, "max_error_rate_over_baseline": 2,
+//!       "max_p99_ms_over_baseline": 100,
+//!       "action": "rollback", "cool_off_s": 600, "probe_percent": 1
 //!     }
 //!   }],
 //!   "sticky_key": [{"header": "x-user-id"}, {"cookie": "uid"}],
@@ -22,7 +28,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use super::{check_client_header, check_len, check_name, from_json, ConfigError};
+use super::{check_client_header, check_len, check_name, check_token, from_json, ConfigError};
 use crate::headers;
 use crate::schedule::{parse_rfc3339, Schedule, Step};
 use crate::weights::{max_canary_weight, Bp, Weights, WeightsError};
@@ -54,6 +60,47 @@ struct RawSplit {
     versions: Vec<RawVersion>,
     #[serde(default)]
     schedule: Option<RawSchedule>,
+    #[serde(default)]
+    guard: Option<RawGuard>,
+    #[serde(default)]
+    shadow: Option<RawShadow>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawShadow {
+    version: String,
+    fraction: f64,
+    cluster: String,
+    #[serde(default)]
+    authority: Option<String>,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+    #[serde(default)]
+    max_in_flight: Option<u32>,
+    #[serde(default)]
+    max_body_bytes: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGuard {
+    #[serde(default)]
+    window_s: Option<f64>,
+    #[serde(default)]
+    min_requests: Option<u32>,
+    #[serde(default)]
+    max_error_rate: Option<f64>,
+    #[serde(default)]
+    max_error_rate_over_baseline: Option<f64>,
+    #[serde(default)]
+    max_p99_ms_over_baseline: Option<u64>,
+    #[serde(default)]
+    action: Option<GuardAction>,
+    #[serde(default)]
+    cool_off_s: Option<u64>,
+    #[serde(default)]
+    probe_percent: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -84,6 +131,81 @@ enum RawKeySource {
     Cookie(String),
 }
 
+/// What a tripped guard does to its canary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GuardAction {
+    /// The canary's weight goes to the baseline: keyed and unkeyed
+    /// traffic stop reaching it at once.
+    Rollback,
+    /// The schedule stops stepping: the weights in force at the trip stay.
+    Freeze,
+}
+
+impl GuardAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GuardAction::Rollback => "rollback",
+            GuardAction::Freeze => "freeze",
+        }
+    }
+}
+
+/// A split's guard: rules over a sliding window of live outcomes per
+/// version, see [`crate::guard`]. Rates are basis points of a percent
+/// (1 = 0.01%).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Guard {
+    pub window_ms: u64,
+    /// A version is judged only with at least this many requests in the
+    /// window (and the baseline too, for a rule over the baseline).
+    pub min_requests: u32,
+    pub max_error_rate_bp: Option<Bp>,
+    pub max_error_rate_over_baseline_bp: Option<Bp>,
+    pub max_p99_ms_over_baseline: Option<u64>,
+    pub action: GuardAction,
+    /// `None`: a tripped canary stays tripped until the config changes.
+    pub cool_off_ms: Option<u64>,
+    /// The canary's share, at most, while it is probed after the cool-off.
+    pub probe_bp: Bp,
+}
+
+/// Guard limits and defaults.
+pub const GUARD_WINDOW_S: f64 = 10.0;
+pub const GUARD_MIN_WINDOW_MS: u64 = 500;
+pub const GUARD_MAX_WINDOW_MS: u64 = 3_600_000;
+pub const GUARD_MIN_REQUESTS: u32 = 50;
+pub const GUARD_MAX_MIN_REQUESTS: u32 = 1_000_000;
+pub const GUARD_MAX_P99_MS: u64 = 600_000;
+pub const GUARD_MAX_COOL_OFF_S: u64 = 7 * 86_400;
+pub const GUARD_PROBE_PERCENT: f64 = 1.0;
+
+/// A split's mirror: a copy of a share of the baseline's infer requests
+/// goes to a candidate version, whose answer the client never sees.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shadow {
+    /// Index of the candidate in the split's versions (never 0).
+    pub version: usize,
+    /// Share of the baseline's infer requests copied, basis points.
+    pub fraction_bp: Bp,
+    /// The Envoy cluster that serves the candidate, and its `:authority`.
+    pub cluster: String,
+    pub authority: String,
+    pub timeout_ms: u64,
+    /// Copies in flight per worker at most; a request beyond is not copied.
+    pub max_in_flight: u32,
+    /// A larger request body is not copied.
+    pub max_body_bytes: u32,
+}
+
+/// Shadow limits and defaults.
+pub const SHADOW_TIMEOUT_MS: u64 = 1_000;
+pub const SHADOW_MAX_TIMEOUT_MS: u64 = 60_000;
+pub const SHADOW_MAX_IN_FLIGHT: u32 = 64;
+pub const SHADOW_MAX_IN_FLIGHT_LIMIT: u32 = 10_000;
+pub const SHADOW_MAX_BODY_BYTES: u32 = 256 << 10;
+pub const SHADOW_MAX_BODY_LIMIT: u32 = 16 << 20;
+
 /// Where a sticky key is read from, tried in config order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeySource {
@@ -111,6 +233,8 @@ pub struct Split {
     pub versions: Vec<String>,
     pub base: Weights,
     pub schedule: Option<Schedule>,
+    pub guard: Option<Guard>,
+    pub shadow: Option<Shadow>,
 }
 
 impl Split {
@@ -253,11 +377,191 @@ fn validate_split(path: &str, raw: RawSplit) -> Result<Split, ConfigError> {
         None => None,
         Some(s) => Some(validate_schedule(&format!("{path}.schedule"), s, &names)?),
     };
+    let guard = match raw.guard {
+        None => None,
+        Some(g) => Some(validate_guard(&format!("{path}.guard"), g)?),
+    };
+    let shadow = match raw.shadow {
+        None => None,
+        Some(sh) => Some(validate_shadow(&format!("{path}.shadow"), sh, &names)?),
+    };
     Ok(Split {
         model: raw.model,
         versions: names,
         base,
         schedule,
+        guard,
+        shadow,
+    })
+}
+
+fn validate_shadow(path: &str, raw: RawShadow, names: &[String]) -> Result<Shadow, ConfigError> {
+    let version = match names.iter().position(|n| *n == raw.version) {
+        Some(0) => {
+            return Err(ConfigError::new(
+                format!("{path}.version"),
+                format!(
+                    "{:?} is the baseline: the shadow copies the baseline's requests to another version",
+                    raw.version
+                ),
+            ))
+        }
+        Some(i) => i,
+        None => {
+            return Err(ConfigError::new(
+                format!("{path}.version"),
+                format!("{:?} is not one of the split's versions {names:?}", raw.version),
+            ))
+        }
+    };
+    let fpath = format!("{path}.fraction");
+    if !raw.fraction.is_finite() || raw.fraction <= 0.0 || raw.fraction > 1.0 {
+        return Err(ConfigError::new(
+            fpath,
+            format!("{} is not a fraction above 0 and at most 1", raw.fraction),
+        ));
+    }
+    let fraction_bp = percent_to_bp(&fpath, raw.fraction * 100.0)?;
+    check_token(&format!("{path}.cluster"), "cluster name", &raw.cluster)?;
+    let authority = match raw.authority {
+        Some(a) => {
+            check_token(&format!("{path}.authority"), "authority", &a)?;
+            a
+        }
+        None => raw.cluster.clone(),
+    };
+    let ranged = |field: &str, v: u64, max: u64| -> Result<u64, ConfigError> {
+        if (1..=max).contains(&v) {
+            Ok(v)
+        } else {
+            Err(ConfigError::new(
+                format!("{path}.{field}"),
+                format!("{v} is not between 1 and {max}"),
+            ))
+        }
+    };
+    let timeout_ms = ranged(
+        "timeout_ms",
+        raw.timeout_ms.unwrap_or(SHADOW_TIMEOUT_MS),
+        SHADOW_MAX_TIMEOUT_MS,
+    )?;
+    let max_in_flight = ranged(
+        "max_in_flight",
+        u64::from(raw.max_in_flight.unwrap_or(SHADOW_MAX_IN_FLIGHT)),
+        u64::from(SHADOW_MAX_IN_FLIGHT_LIMIT),
+    )?;
+    let max_body_bytes = ranged(
+        "max_body_bytes",
+        u64::from(raw.max_body_bytes.unwrap_or(SHADOW_MAX_BODY_BYTES)),
+        u64::from(SHADOW_MAX_BODY_LIMIT),
+    )?;
+    Ok(Shadow {
+        version,
+        fraction_bp,
+        cluster: raw.cluster,
+        authority,
+        timeout_ms,
+        max_in_flight: u32::try_from(max_in_flight).unwrap_or(SHADOW_MAX_IN_FLIGHT),
+        max_body_bytes: u32::try_from(max_body_bytes).unwrap_or(SHADOW_MAX_BODY_BYTES),
+    })
+}
+
+fn validate_guard(path: &str, raw: RawGuard) -> Result<Guard, ConfigError> {
+    let window_s = raw.window_s.unwrap_or(GUARD_WINDOW_S);
+    let window_ms = window_s * 1000.0;
+    if !window_ms.is_finite()
+        || window_ms < GUARD_MIN_WINDOW_MS as f64
+        || window_ms > GUARD_MAX_WINDOW_MS as f64
+    {
+        return Err(ConfigError::new(
+            format!("{path}.window_s"),
+            format!(
+                "{window_s} is not between {} and {}",
+                GUARD_MIN_WINDOW_MS as f64 / 1000.0,
+                GUARD_MAX_WINDOW_MS / 1000
+            ),
+        ));
+    }
+    let min_requests = raw.min_requests.unwrap_or(GUARD_MIN_REQUESTS);
+    if !(1..=GUARD_MAX_MIN_REQUESTS).contains(&min_requests) {
+        return Err(ConfigError::new(
+            format!("{path}.min_requests"),
+            format!("{min_requests} is not between 1 and {GUARD_MAX_MIN_REQUESTS}"),
+        ));
+    }
+    // A rate of 100% can never be exceeded: such a rule would never trip.
+    let rate = |field: &str, v: Option<f64>| -> Result<Option<Bp>, ConfigError> {
+        let Some(v) = v else { return Ok(None) };
+        let fpath = format!("{path}.{field}");
+        if !v.is_finite() || !(0.0..100.0).contains(&v) {
+            return Err(ConfigError::new(
+                fpath,
+                format!("{v} is not a percentage from 0 up to (not including) 100"),
+            ));
+        }
+        percent_to_bp(&fpath, v).map(Some)
+    };
+    let max_error_rate_bp = rate("max_error_rate", raw.max_error_rate)?;
+    let max_error_rate_over_baseline_bp = rate(
+        "max_error_rate_over_baseline",
+        raw.max_error_rate_over_baseline,
+    )?;
+    if let Some(ms) = raw.max_p99_ms_over_baseline {
+        if !(1..=GUARD_MAX_P99_MS).contains(&ms) {
+            return Err(ConfigError::new(
+                format!("{path}.max_p99_ms_over_baseline"),
+                format!("{ms} is not between 1 and {GUARD_MAX_P99_MS}"),
+            ));
+        }
+    }
+    if max_error_rate_bp.is_none()
+        && max_error_rate_over_baseline_bp.is_none()
+        && raw.max_p99_ms_over_baseline.is_none()
+    {
+        return Err(ConfigError::new(
+            path,
+            "a guard needs at least one rule: max_error_rate, max_error_rate_over_baseline \
+             or max_p99_ms_over_baseline",
+        ));
+    }
+    let cool_off_ms = match raw.cool_off_s {
+        None => None,
+        Some(s) if (1..=GUARD_MAX_COOL_OFF_S).contains(&s) => Some(s * 1000),
+        Some(s) => {
+            return Err(ConfigError::new(
+                format!("{path}.cool_off_s"),
+                format!("{s} is not between 1 and {GUARD_MAX_COOL_OFF_S}"),
+            ))
+        }
+    };
+    let probe_bp = match raw.probe_percent {
+        None => percent_to_bp(&format!("{path}.probe_percent"), GUARD_PROBE_PERCENT)?,
+        Some(_) if cool_off_ms.is_none() => {
+            return Err(ConfigError::new(
+                format!("{path}.probe_percent"),
+                "a probe share needs cool_off_s: without it a tripped canary stays tripped",
+            ))
+        }
+        Some(p) => {
+            let bp = percent_to_bp(&format!("{path}.probe_percent"), p)?;
+            if bp == 0 {
+                return Err(ConfigError::new(
+                    format!("{path}.probe_percent"),
+                    "0: a canary probed with no traffic could never recover",
+                ));
+            }
+            bp
+        }
+    };
+    Ok(Guard {
+        window_ms: window_ms.round() as u64,
+        min_requests,
+        max_error_rate_bp,
+        max_error_rate_over_baseline_bp,
+        max_p99_ms_over_baseline: raw.max_p99_ms_over_baseline,
+        action: raw.action.unwrap_or(GuardAction::Rollback),
+        cool_off_ms,
+        probe_bp,
     })
 }
 

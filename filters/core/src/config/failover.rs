@@ -44,7 +44,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use super::{check_header_name, check_name, from_json, ConfigError};
+use super::{check_header_name, check_name, check_token, from_json, ConfigError};
 use crate::headers;
 
 mod settings;
@@ -180,18 +180,6 @@ fn validate(raw: RawConfig) -> Result<FailoverConfig, ConfigError> {
         trust_downstream_headers: raw.trust_downstream_headers,
         served_by_header: raw.served_by_header,
     })
-}
-
-/// Cluster names and authorities: printable ASCII without spaces, which is
-/// what Envoy cluster names and `:authority` values look like.
-fn check_token(path: &str, what: &str, s: &str) -> Result<(), ConfigError> {
-    if s.is_empty() || s.len() > 256 || !s.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(ConfigError::new(
-            path,
-            format!("{s:?} is not a valid {what} (1 to 256 printable ASCII characters, no spaces)"),
-        ));
-    }
-    Ok(())
 }
 
 fn validate_cloud(path: &str, raw: RawCloud) -> Result<Cloud, ConfigError> {

@@ -124,6 +124,18 @@ pub fn check_header_name(path: &str, name: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// Cluster names and authorities: printable ASCII without spaces, which is
+/// what Envoy cluster names and `:authority` values look like.
+pub fn check_token(path: &str, what: &str, s: &str) -> Result<(), ConfigError> {
+    if s.is_empty() || s.len() > 256 || !s.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ConfigError::new(
+            path,
+            format!("{s:?} is not a valid {what} (1 to 256 printable ASCII characters, no spaces)"),
+        ));
+    }
+    Ok(())
+}
+
 /// A header a client sends (a sticky key, an override, a model name): a
 /// lower-case HTTP token that is not one of the filters' own
 /// `x-infermesh-*` headers, which are removed from downstream requests.

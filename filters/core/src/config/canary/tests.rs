@@ -134,3 +134,282 @@ fn size_and_count_limits() {
     );
     assert_eq!(err(&json).path, "splits[0].versions");
 }
+
+fn guarded(guard: &str) -> Result<CanaryConfig, ConfigError> {
+    let json = format!(
+        r#"{{"splits":[{{"model":"m","versions":[{{"name":"a","weight":90}},{{"name":"b","weight":10}}],"guard":{guard}}}]}}"#
+    );
+    parse(json.as_bytes())
+}
+
+#[test]
+fn guard_parses_with_defaults() {
+    let c = guarded(r#"{"max_error_rate":5}"#).unwrap();
+    let g = c.splits[0].guard.clone().unwrap();
+    assert_eq!(g.window_ms, 10_000);
+    assert_eq!(g.min_requests, GUARD_MIN_REQUESTS);
+    assert_eq!(g.max_error_rate_bp, Some(500));
+    assert_eq!(g.max_error_rate_over_baseline_bp, None);
+    assert_eq!(g.max_p99_ms_over_baseline, None);
+    assert_eq!(g.action, GuardAction::Rollback);
+    assert_eq!(g.cool_off_ms, None);
+    assert_eq!(g.probe_bp, 100);
+    let full = guarded(
+        r#"{"window_s":0.5,"min_requests":1,"max_error_rate":0,"max_error_rate_over_baseline":2.5,
+            "max_p99_ms_over_baseline":200,"action":"freeze","cool_off_s":30,"probe_percent":0.5}"#,
+    )
+    .unwrap();
+    let g = full.splits[0].guard.clone().unwrap();
+    assert_eq!(
+        (g.window_ms, g.min_requests, g.max_error_rate_bp),
+        (500, 1, Some(0))
+    );
+    assert_eq!(g.max_error_rate_over_baseline_bp, Some(250));
+    assert_eq!(g.max_p99_ms_over_baseline, Some(200));
+    assert_eq!(g.action, GuardAction::Freeze);
+    assert_eq!((g.cool_off_ms, g.probe_bp), (Some(30_000), 50));
+    assert_eq!(parse(GOOD.as_bytes()).unwrap().splits[0].guard, None);
+}
+
+#[test]
+fn every_bad_guard_field_is_named() {
+    let cases: &[(&str, &str, &str)] = &[
+        ("{}", "splits[0].guard", "at least one rule"),
+        (r#"{"window_s":5}"#, "splits[0].guard", "at least one rule"),
+        (
+            r#"{"max_error_rate":5,"window_s":0.1}"#,
+            "splits[0].guard.window_s",
+            "between 0.5 and 3600",
+        ),
+        (
+            r#"{"max_error_rate":5,"window_s":4000}"#,
+            "splits[0].guard.window_s",
+            "between",
+        ),
+        (
+            r#"{"max_error_rate":5,"window_s":"10"}"#,
+            "splits[0].guard.window_s",
+            "invalid type",
+        ),
+        (
+            r#"{"max_error_rate":5,"min_requests":0}"#,
+            "splits[0].guard.min_requests",
+            "between 1",
+        ),
+        (
+            r#"{"max_error_rate":5,"min_requests":-3}"#,
+            "splits[0].guard.min_requests",
+            "invalid value",
+        ),
+        (
+            r#"{"max_error_rate":5,"min_requests":2000000}"#,
+            "splits[0].guard.min_requests",
+            "between 1",
+        ),
+        (
+            r#"{"max_error_rate":100}"#,
+            "splits[0].guard.max_error_rate",
+            "not including",
+        ),
+        (
+            r#"{"max_error_rate":-1}"#,
+            "splits[0].guard.max_error_rate",
+            "percentage",
+        ),
+        (
+            r#"{"max_error_rate":5.001}"#,
+            "splits[0].guard.max_error_rate",
+            "two decimals",
+        ),
+        (
+            r#"{"max_error_rate_over_baseline":120}"#,
+            "splits[0].guard.max_error_rate_over_baseline",
+            "percentage",
+        ),
+        (
+            r#"{"max_p99_ms_over_baseline":0}"#,
+            "splits[0].guard.max_p99_ms_over_baseline",
+            "between 1",
+        ),
+        (
+            r#"{"max_p99_ms_over_baseline":600001}"#,
+            "splits[0].guard.max_p99_ms_over_baseline",
+            "between 1",
+        ),
+        (
+            r#"{"max_p99_ms_over_baseline":1.5}"#,
+            "splits[0].guard.max_p99_ms_over_baseline",
+            "invalid type",
+        ),
+        (
+            r#"{"max_error_rate":5,"action":"panic"}"#,
+            "splits[0].guard.action",
+            "unknown variant `panic`",
+        ),
+        (
+            r#"{"max_error_rate":5,"cool_off_s":0}"#,
+            "splits[0].guard.cool_off_s",
+            "between 1",
+        ),
+        (
+            r#"{"max_error_rate":5,"cool_off_s":99999999}"#,
+            "splits[0].guard.cool_off_s",
+            "between 1",
+        ),
+        (
+            r#"{"max_error_rate":5,"probe_percent":5}"#,
+            "splits[0].guard.probe_percent",
+            "needs cool_off_s",
+        ),
+        (
+            r#"{"max_error_rate":5,"cool_off_s":5,"probe_percent":0}"#,
+            "splits[0].guard.probe_percent",
+            "never recover",
+        ),
+        (
+            r#"{"max_error_rate":5,"cool_off_s":5,"probe_percent":101}"#,
+            "splits[0].guard.probe_percent",
+            "between 0 and 100",
+        ),
+        (
+            r#"{"max_error_rate":5,"max_latency":3}"#,
+            "splits[0].guard.max_latency",
+            "unknown field",
+        ),
+        (r#""on""#, "splits[0].guard", "invalid type"),
+    ];
+    for (guard, path, needle) in cases {
+        let e = match guarded(guard) {
+            Ok(c) => panic!("accepted {guard}: {c:?}"),
+            Err(e) => e,
+        };
+        assert_eq!(e.path, *path, "{guard}\n=> {e}");
+        assert!(
+            e.to_string().contains(needle),
+            "{guard}\n=> {e} (wanted {needle:?})"
+        );
+    }
+}
+
+fn shadowed(shadow: &str) -> Result<CanaryConfig, ConfigError> {
+    let json = format!(
+        r#"{{"splits":[{{"model":"m","versions":[{{"name":"a","weight":100}},{{"name":"b","weight":0}}],"shadow":{shadow}}}]}}"#
+    );
+    parse(json.as_bytes())
+}
+
+#[test]
+fn shadow_parses_with_defaults() {
+    let c =
+        shadowed(r#"{"version":"b","fraction":0.2,"cluster":"outbound|8000|v2|m.ns"}"#).unwrap();
+    let s = c.splits[0].shadow.clone().unwrap();
+    assert_eq!(s.version, 1);
+    assert_eq!(s.fraction_bp, 2_000);
+    assert_eq!(s.cluster, "outbound|8000|v2|m.ns");
+    assert_eq!(s.authority, s.cluster);
+    assert_eq!(
+        (s.timeout_ms, s.max_in_flight, s.max_body_bytes),
+        (
+            SHADOW_TIMEOUT_MS,
+            SHADOW_MAX_IN_FLIGHT,
+            SHADOW_MAX_BODY_BYTES
+        )
+    );
+    let full = shadowed(
+        r#"{"version":"b","fraction":1,"cluster":"v2","authority":"m.ns","timeout_ms":50,"max_in_flight":1,"max_body_bytes":10}"#,
+    )
+    .unwrap();
+    let s = full.splits[0].shadow.clone().unwrap();
+    assert_eq!((s.fraction_bp, s.authority.as_str()), (10_000, "m.ns"));
+    assert_eq!(
+        (s.timeout_ms, s.max_in_flight, s.max_body_bytes),
+        (50, 1, 10)
+    );
+}
+
+#[test]
+fn every_bad_shadow_field_is_named() {
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            r#"{"version":"z","fraction":0.2,"cluster":"v2"}"#,
+            "splits[0].shadow.version",
+            "not one of the split's versions",
+        ),
+        (
+            r#"{"version":"a","fraction":0.2,"cluster":"v2"}"#,
+            "splits[0].shadow.version",
+            "is the baseline",
+        ),
+        (
+            r#"{"version":"b","fraction":0,"cluster":"v2"}"#,
+            "splits[0].shadow.fraction",
+            "above 0 and at most 1",
+        ),
+        (
+            r#"{"version":"b","fraction":1.5,"cluster":"v2"}"#,
+            "splits[0].shadow.fraction",
+            "above 0 and at most 1",
+        ),
+        (
+            r#"{"version":"b","fraction":-0.1,"cluster":"v2"}"#,
+            "splits[0].shadow.fraction",
+            "above 0 and at most 1",
+        ),
+        (
+            r#"{"version":"b","fraction":0.123456,"cluster":"v2"}"#,
+            "splits[0].shadow.fraction",
+            "two decimals",
+        ),
+        (
+            r#"{"version":"b","cluster":"v2"}"#,
+            "splits[0].shadow",
+            "missing field `fraction`",
+        ),
+        (
+            r#"{"version":"b","fraction":0.2,"cluster":""}"#,
+            "splits[0].shadow.cluster",
+            "not a valid cluster name",
+        ),
+        (
+            r#"{"version":"b","fraction":0.2,"cluster":"a b"}"#,
+            "splits[0].shadow.cluster",
+            "not a valid cluster name",
+        ),
+        (
+            r#"{"version":"b","fraction":0.2,"cluster":"v2","authority":""}"#,
+            "splits[0].shadow.authority",
+            "not a valid authority",
+        ),
+        (
+            r#"{"version":"b","fraction":0.2,"cluster":"v2","timeout_ms":0}"#,
+            "splits[0].shadow.timeout_ms",
+            "between 1 and 60000",
+        ),
+        (
+            r#"{"version":"b","fraction":0.2,"cluster":"v2","max_in_flight":0}"#,
+            "splits[0].shadow.max_in_flight",
+            "between 1 and 10000",
+        ),
+        (
+            r#"{"version":"b","fraction":0.2,"cluster":"v2","max_body_bytes":99999999}"#,
+            "splits[0].shadow.max_body_bytes",
+            "between 1 and",
+        ),
+        (
+            r#"{"version":"b","fraction":0.2,"cluster":"v2","mirror":true}"#,
+            "splits[0].shadow.mirror",
+            "unknown field",
+        ),
+    ];
+    for (shadow, path, needle) in cases {
+        let e = match shadowed(shadow) {
+            Ok(c) => panic!("accepted {shadow}: {c:?}"),
+            Err(e) => e,
+        };
+        assert_eq!(e.path, *path, "{shadow}\n=> {e}");
+        assert!(
+            e.to_string().contains(needle),
+            "{shadow}\n=> {e} (wanted {needle:?})"
+        );
+    }
+}
