@@ -2,10 +2,13 @@
 //! facts (with a symbolic batch dimension), optimise, run.
 //!
 //! The symbolic plan serves every batch size from the first request on.
-//! Each batch size seen also gets a plan optimised for that concrete
-//! shape (tract picks its kernels and packs its buffers for known sizes),
-//! built on a background thread the first time the size is seen and used
-//! from then on; at most [`CONCRETE_PLANS`] sizes per model are kept.
+//! Small batch sizes (up to [`CONCRETE_MAX_BATCH`]) also get a plan
+//! optimised for that concrete shape, built on a background thread the
+//! first time the size is seen and used from then on. Measured in
+//! instructions per run (BENCHMARKS.md), concrete plans cut batch 1 by
+//! 15-36 % on the example MLP and CNN, but from batch 8 on tract picks
+//! matmul kernels for the known size that cost 1-25 % more than the ones
+//! it runs for a symbolic size, so larger batches stay symbolic.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -55,9 +58,10 @@ pub struct Tensor {
     pub data: Data,
 }
 
-/// The most batch sizes a model keeps a concrete-shape plan for; other
-/// sizes run on the symbolic plan. Each plan holds its own packed weights.
-pub const CONCRETE_PLANS: usize = 8;
+/// The largest batch size that gets a concrete-shape plan; larger ones
+/// run on the symbolic plan. Each plan holds its own packed weights, so
+/// this also bounds a model's plans to this many.
+pub const CONCRETE_MAX_BATCH: usize = 4;
 
 /// An optimised, runnable model. Cheap to share; runs may overlap.
 pub struct Engine {
@@ -114,7 +118,7 @@ impl ConcretePlans {
         match slots.get(&batch) {
             Some(Slot::Ready(plan)) => return Some(plan.clone()),
             Some(_) => return None,
-            None if slots.len() >= CONCRETE_PLANS => return None,
+            None if !(1..=CONCRETE_MAX_BATCH).contains(&batch) => return None,
             None => {}
         }
         slots.insert(batch, Slot::Building);
@@ -406,18 +410,12 @@ impl Engine {
 
     /// Builds the concrete-shape plan for `batch` now, on this thread
     /// (ahead of traffic, or in tests); false when the model has no batch
-    /// dimension, the cache is full, or tract cannot specialise it.
+    /// dimension, the size gets no concrete plan, or tract cannot
+    /// specialise it.
     pub fn prepare(&self, batch: usize) -> bool {
         match &self.concrete {
-            Some(c) => {
-                let room = c
-                    .slots
-                    .lock()
-                    .map(|s| s.len() < CONCRETE_PLANS || s.contains_key(&batch))
-                    .unwrap_or(false);
-                room && c.prepare(batch)
-            }
-            None => false,
+            Some(c) if (1..=CONCRETE_MAX_BATCH).contains(&batch) => c.prepare(batch),
+            _ => false,
         }
     }
 
