@@ -5,6 +5,13 @@
 //! values (17 significant digits, e.g. `0.30000001192092896`).
 //!
 //!   cargo run --release -p sidecar --example bench_json [ITERS_SCALE]
+//!   bench_json --count json|binary mlp|cnn BATCH CALLS
+//!
+//! `--count` only decodes one body CALLS times, untimed: run it under
+//! `valgrind --tool=callgrind` with two CALLS values, and the difference
+//! in instructions over the difference in elements is the instructions
+//! per element, a figure other load on the machine does not change
+//! (`bench/json.sh --count`).
 //!
 //! Prints one JSON line per case. Uses only the public `protocol` API.
 //! Times are on-CPU time of the benchmark thread (`/proc/thread-self/
@@ -99,7 +106,42 @@ fn time(iters: usize, mut f: impl FnMut()) -> f64 {
     runs[reps / 2]
 }
 
+/// Decodes one body `calls` times (for instruction counts).
+fn count(args: &[String]) {
+    let usage = "bench_json --count json|binary mlp|cnn BATCH CALLS";
+    let [kind, model, batch, calls] = args else {
+        panic!("{usage}");
+    };
+    let features: &[i64] = match model.as_str() {
+        "mlp" => &[784],
+        "cnn" => &[3, 32, 32],
+        _ => panic!("{usage}"),
+    };
+    let batch: usize = batch.parse().expect("BATCH");
+    let calls: usize = calls.parse().expect("CALLS");
+    let sig = sig(features);
+    let mut shape = vec![batch];
+    shape.extend(features.iter().map(|d| *d as usize));
+    let v = values(shape.iter().product());
+    let (body, header_len) = match kind.as_str() {
+        "json" => (json_body(&shape, &v), None),
+        "binary" => {
+            let (b, h) = binary_body(&shape, &v);
+            (b, Some(h))
+        }
+        _ => panic!("{usage}"),
+    };
+    for _ in 0..calls {
+        let d = protocol::decode(black_box(&body), header_len, &sig, 32).expect("decodes");
+        black_box(d);
+    }
+}
+
 fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--count") {
+        return count(&args[1..]);
+    }
     let scale: f64 = std::env::args()
         .nth(1)
         .and_then(|s| s.parse().ok())

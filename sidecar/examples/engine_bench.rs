@@ -6,12 +6,15 @@
 //!
 //! ```sh
 //! cargo run --release -p sidecar --example engine_bench -- \
-//!     examples/models/digits-mlp/1 BODY.json SECONDS [--codec]
+//!     examples/models/digits-mlp/1 BODY.json SECONDS [--codec] [--batch N] [--symbolic]
 //! ```
 //!
 //! BODY.json is an OIP v2 infer request with one row (what the load
-//! generator sends). Prints one JSON line: calls, req_s, p50_us, p99_us,
-//! mean_us.
+//! generator sends); `--batch N` repeats its rows to N. The engine runs
+//! the plan built for the batch size (what the sidecar runs once a size
+//! has been seen), or with `--symbolic` the plan for every size (what
+//! serves a size's first requests). Prints one JSON line: calls, req_s,
+//! p50_us, p99_us, mean_us.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -29,6 +32,11 @@ fn main() -> anyhow::Result<()> {
         bail!("usage: engine_bench MODEL_DIR/VERSION BODY.json SECONDS [--codec]");
     };
     let codec = args.iter().any(|a| a == "--codec");
+    let symbolic = args.iter().any(|a| a == "--symbolic");
+    let batch: usize = match args.iter().position(|a| a == "--batch") {
+        Some(i) => args.get(i + 1).context("--batch N")?.parse()?,
+        None => 1,
+    };
     let seconds: f64 = seconds.parse().context("SECONDS")?;
     let version_dir = Path::new(version_dir);
     let model_dir = version_dir.parent().context("MODEL_DIR/VERSION")?;
@@ -36,8 +44,13 @@ fn main() -> anyhow::Result<()> {
         Ok(bytes) => model_repo::parse_config(&bytes).map_err(anyhow::Error::msg)?,
         Err(_) => model_repo::ModelConfig::default(),
     };
-    let engine = Engine::load(&version_dir.join("model.onnx"), &config)?;
-    let body = std::fs::read(body_path).context("BODY.json")?;
+    let mut engine = Engine::load(&version_dir.join("model.onnx"), &config)?;
+    if symbolic {
+        engine = engine.without_concrete_plans();
+    } else {
+        engine.prepare(batch);
+    }
+    let body = repeat_rows(&std::fs::read(body_path).context("BODY.json")?, batch)?;
     let sig = engine.signature().clone();
     let labels = config.labels.clone();
 
@@ -80,4 +93,22 @@ fn main() -> anyhow::Result<()> {
         mean_us
     );
     Ok(())
+}
+
+/// The request with each input's rows repeated until it has `batch` rows.
+fn repeat_rows(body: &[u8], batch: usize) -> anyhow::Result<Vec<u8>> {
+    if batch == 1 {
+        return Ok(body.to_vec());
+    }
+    let mut req: serde_json::Value = serde_json::from_slice(body)?;
+    for input in req["inputs"].as_array_mut().context("inputs")? {
+        let rows = input["shape"][0].as_u64().context("shape")? as usize;
+        let data = input["data"].as_array().context("data")?.clone();
+        let per_row = data.len() / rows.max(1);
+        let out: Vec<serde_json::Value> =
+            data.iter().cycle().take(per_row * batch).cloned().collect();
+        input["shape"][0] = batch.into();
+        input["data"] = out.into();
+    }
+    Ok(serde_json::to_vec(&req)?)
 }

@@ -358,12 +358,29 @@ impl<'a> Reader<'a> {
     /// returns its text and whether it is an integer.
     #[inline]
     fn number(&mut self) -> Result<(&'a [u8], bool), JsonError> {
+        self.decimal().map(|d| (d.text, d.int))
+    }
+
+    /// Scans a JSON number and collects its value on the way: its leading
+    /// digits as an integer (as many as a u64 holds) and the power of ten
+    /// that scales them.
+    #[inline]
+    fn decimal(&mut self) -> Result<Decimal<'a>, JsonError> {
         let b = self.buf;
         let start = self.pos;
         let mut i = start;
-        if b.get(i) == Some(&b'-') {
+        let neg = b.get(i) == Some(&b'-');
+        if neg {
             i += 1;
         }
+        let mut d = Decimal {
+            text: &[],
+            neg,
+            mantissa: 0,
+            exp10: 0,
+            exact: true,
+            int: true,
+        };
         match b.get(i) {
             Some(b'0') => {
                 i += 1;
@@ -372,46 +389,51 @@ impl<'a> Reader<'a> {
                     return Err(self.error("invalid number: leading zero"));
                 }
             }
-            Some(b'1'..=b'9') => {
-                while b.get(i).is_some_and(u8::is_ascii_digit) {
-                    i += 1;
-                }
-            }
+            Some(b'1'..=b'9') => i = digits(b, i, &mut d, false),
             _ => {
                 self.pos = i;
                 return Err(self.error("invalid number"));
             }
         }
-        let mut int = true;
         if b.get(i) == Some(&b'.') {
-            int = false;
-            i += 1;
-            let d = i;
-            while b.get(i).is_some_and(u8::is_ascii_digit) {
-                i += 1;
-            }
-            if i == d {
+            d.int = false;
+            let first = i + 1;
+            i = digits(b, first, &mut d, true);
+            if i == first {
                 self.pos = i;
                 return Err(self.error("invalid number: no digit after `.`"));
             }
         }
         if let Some(b'e' | b'E') = b.get(i) {
-            int = false;
+            d.int = false;
             i += 1;
-            if let Some(b'+' | b'-') = b.get(i) {
+            let negative = match b.get(i) {
+                Some(b'-') => {
+                    i += 1;
+                    true
+                }
+                Some(b'+') => {
+                    i += 1;
+                    false
+                }
+                _ => false,
+            };
+            let first = i;
+            // Saturates far beyond any float's range.
+            let mut e: i64 = 0;
+            while let Some(&c) = b.get(i).filter(|c| c.is_ascii_digit()) {
+                e = (e * 10 + i64::from(c - b'0')).min(1 << 40);
                 i += 1;
             }
-            let d = i;
-            while b.get(i).is_some_and(u8::is_ascii_digit) {
-                i += 1;
-            }
-            if i == d {
+            if i == first {
                 self.pos = i;
                 return Err(self.error("invalid number: no digit in the exponent"));
             }
+            d.exp10 += if negative { -e } else { e };
         }
         self.pos = i;
-        Ok((&b[start..i], int))
+        d.text = &b[start..i];
+        Ok(d)
     }
 
     /// The text of the token at the cursor, for error messages.
@@ -422,6 +444,159 @@ impl<'a> Reader<'a> {
             .position(|b| matches!(b, b',' | b']' | b'}' | b' ' | b'\n' | b'\r' | b'\t'))
             .unwrap_or(rest.len());
         snippet(&rest[..end])
+    }
+}
+
+/// Whether the 8 bytes of `v` (little-endian) are all ASCII digits.
+#[inline]
+fn eight_digits(v: u64) -> bool {
+    let high = 0xF0F0_F0F0_F0F0_F0F0;
+    ((v & high) | ((v.wrapping_add(0x0606_0606_0606_0606) & high) >> 4)) == 0x3333_3333_3333_3333
+}
+
+/// The value of 8 ASCII digits (little-endian in `v`): three
+/// multiplications instead of eight.
+#[inline]
+fn eight_digit_value(v: u64) -> u64 {
+    let mask = 0x0000_00FF_0000_00FF;
+    let v = v.wrapping_sub(0x3030_3030_3030_3030);
+    let v = v.wrapping_mul(10).wrapping_add(v >> 8);
+    let hi = (v & mask).wrapping_mul(0x000F_4240_0000_0064);
+    let lo = ((v >> 16) & mask).wrapping_mul(0x0000_2710_0000_0001);
+    hi.wrapping_add(lo) >> 32
+}
+
+/// Reads the digits at `i` into `d` (eight at a time while they fit);
+/// returns the index past them. Digits beyond what a u64 holds scale
+/// the exponent (integer part) or are dropped (fraction); a nonzero one
+/// makes the value inexact.
+#[inline]
+fn digits(b: &[u8], mut i: usize, d: &mut Decimal<'_>, fraction: bool) -> usize {
+    // Below this, `mantissa * 10^8 + 99_999_999` fits in a u64.
+    const ROOM_8: u64 = (u64::MAX - 99_999_999) / 100_000_000;
+    const ROOM_1: u64 = (u64::MAX - 9) / 10;
+    while d.mantissa < ROOM_8 {
+        let Some(chunk) = b.get(i..i + 8) else { break };
+        let v = u64::from_le_bytes(chunk.try_into().unwrap_or_default());
+        if !eight_digits(v) {
+            break;
+        }
+        d.mantissa = d.mantissa * 100_000_000 + eight_digit_value(v);
+        if fraction {
+            d.exp10 -= 8;
+        }
+        i += 8;
+    }
+    while let Some(&c) = b.get(i).filter(|c| c.is_ascii_digit()) {
+        if d.mantissa < ROOM_1 {
+            d.mantissa = d.mantissa * 10 + u64::from(c - b'0');
+            if fraction {
+                d.exp10 -= 1;
+            }
+        } else {
+            if !fraction {
+                d.exp10 += 1;
+            }
+            d.exact &= c == b'0';
+        }
+        i += 1;
+    }
+    i
+}
+
+/// A JSON number as the validating scan saw it: `±mantissa × 10^exp10`,
+/// exactly when `exact` (no nonzero digit beyond what the u64 holds).
+#[derive(Debug, Clone, Copy)]
+struct Decimal<'a> {
+    text: &'a [u8],
+    neg: bool,
+    mantissa: u64,
+    exp10: i64,
+    exact: bool,
+    int: bool,
+}
+
+/// Powers of ten that f64 holds exactly.
+const POW10: [f64; 23] = [
+    1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16,
+    1e17, 1e18, 1e19, 1e20, 1e21, 1e22,
+];
+
+impl Decimal<'_> {
+    /// `mantissa × 10^exp10` in f64 with at most two roundings (the
+    /// mantissa's and the product's or quotient's): within 2 ulp of the
+    /// true value, and exact (Clinger's fast path) when the mantissa fits
+    /// in 53 bits. `None` when the power of ten is not exact in f64.
+    #[inline]
+    fn approx(&self) -> Option<f64> {
+        let p = *POW10.get(usize::try_from(self.exp10.unsigned_abs()).ok()?)?;
+        let m = self.mantissa as f64;
+        Some(if self.exp10 < 0 { m / p } else { m * p })
+    }
+
+    /// The nearest f32, `None` when it overflows. Most numbers take the
+    /// f64 estimate: it is within 2 ulp (of f64) of the true value, so it
+    /// rounds to the same f32 unless it lies that close to a halfway
+    /// point between two f32s (or outside f32's normal range); those, and
+    /// numbers with more than 19 digits, go to the standard library's
+    /// exact parser.
+    #[inline]
+    fn to_f32(self) -> Option<f32> {
+        if self.exact {
+            if self.mantissa == 0 {
+                return Some(if self.neg { -0.0 } else { 0.0 });
+            }
+            if let Some(x) = self.approx() {
+                let bits = x.to_bits();
+                let exp = (bits >> 52) & 0x7ff;
+                // The 29 bits f32 drops from f64's 52-bit fraction.
+                let dropped = bits & ((1 << 29) - 1);
+                // f32's normal range is 2^-126 ..< 2^128 (biased f64
+                // exponents 897 ..= 1150).
+                if (897..=1150).contains(&exp) && dropped.abs_diff(1 << 28) > 8 {
+                    let v = x as f32;
+                    return v.is_finite().then_some(if self.neg { -v } else { v });
+                }
+            }
+        }
+        self.parse_exact()
+    }
+
+    /// The nearest f64, `None` when it overflows: Clinger's exact fast
+    /// path, else the standard library's exact parser.
+    #[inline]
+    fn to_f64(self) -> Option<f64> {
+        if self.exact && self.mantissa <= 1 << 53 {
+            if let Some(x) = self.approx() {
+                return Some(if self.neg { -x } else { x });
+            }
+        }
+        self.parse_exact()
+    }
+
+    /// Correctly rounded parse of the text (Eisel-Lemire, then big
+    /// decimals), for numbers the fast paths do not decide.
+    #[cold]
+    fn parse_exact<T: std::str::FromStr + Finite>(self) -> Option<T> {
+        // The scan admitted only ASCII.
+        let text = std::str::from_utf8(self.text).ok()?;
+        text.parse::<T>().ok().filter(Finite::finite)
+    }
+}
+
+trait Finite {
+    fn finite(&self) -> bool;
+}
+
+impl Finite for f32 {
+    fn finite(&self) -> bool {
+        self.is_finite()
+    }
+}
+
+impl Finite for f64 {
+    fn finite(&self) -> bool {
+        self.is_finite()
     }
 }
 
@@ -461,12 +636,13 @@ fn not_valid(r: &Reader<'_>, dt: DataType) -> String {
     }
 }
 
-/// Reads a float element: a JSON number or a non-finite literal, as f64
-/// unless `narrow` parses the text directly at the target precision.
+/// Reads a float element: a JSON number (converted by `convert`, `None`
+/// when out of range) or a non-finite literal.
+#[inline]
 fn read_float<T>(
     r: &mut Reader<'_>,
     dt: DataType,
-    narrow: impl Fn(&str) -> Option<T>,
+    convert: impl Fn(Decimal<'_>) -> Option<T>,
     special: impl Fn(f64) -> T,
 ) -> Result<T, String> {
     let start = r.pos;
@@ -474,14 +650,12 @@ fn read_float<T>(
         Some(b'N' | b'I') => {}
         Some(b'-') if r.buf.get(r.pos + 1) == Some(&b'I') => {}
         Some(b'-' | b'0'..=b'9') => {
-            let (text, _) = r.number().map_err(|e| {
+            let d = r.decimal().map_err(|e| {
                 r.pos = start;
                 format!("{}: {}", r.token_here(), e.msg)
             })?;
-            // The scan admitted only ASCII.
-            let text = std::str::from_utf8(text).unwrap_or_default();
-            return narrow(text)
-                .ok_or_else(|| format!("{} is out of range for {dt}", snippet(text.as_bytes())));
+            return convert(d)
+                .ok_or_else(|| format!("{} is out of range for {dt}", snippet(d.text)));
         }
         _ => return Err(not_valid(r, dt)),
     }
@@ -491,22 +665,11 @@ fn read_float<T>(
     }
 }
 
-/// A finite value parsed at its own precision; `None` when the text
-/// overflows to infinity.
-fn finite<T: std::str::FromStr>(text: &str, is_finite: impl Fn(&T) -> bool) -> Option<T> {
-    text.parse::<T>().ok().filter(is_finite)
-}
-
 impl Element for f32 {
     const DT: DataType = DataType::F32;
     #[inline]
     fn read(r: &mut Reader<'_>) -> Result<Self, String> {
-        read_float(
-            r,
-            Self::DT,
-            |t| finite(t, |x: &f32| x.is_finite()),
-            |v| v as f32,
-        )
+        read_float(r, Self::DT, |d| d.to_f32(), |v| v as f32)
     }
 }
 
@@ -514,7 +677,7 @@ impl Element for f64 {
     const DT: DataType = DataType::F64;
     #[inline]
     fn read(r: &mut Reader<'_>) -> Result<Self, String> {
-        read_float(r, Self::DT, |t| finite(t, |x: &f64| x.is_finite()), |v| v)
+        read_float(r, Self::DT, |d| d.to_f64(), |v| v)
     }
 }
 
@@ -524,8 +687,8 @@ impl Element for f16 {
         read_float(
             r,
             Self::DT,
-            |t| {
-                let x = f16::from_f64(t.parse::<f64>().ok()?);
+            |d| {
+                let x = f16::from_f64(d.parse_exact::<f64>()?);
                 x.is_finite().then_some(x)
             },
             f16::from_f64,
@@ -943,6 +1106,113 @@ mod tests {
             d.unwrap(),
             Data::F64(vec![0.1, f64::MIN_POSITIVE, f64::MAX])
         );
+    }
+
+    /// The one-pass conversion against the standard library's correctly
+    /// rounded parser, on the texts clients send (Python's 17-digit repr
+    /// of float32 values, shortest digits, 9 digits) and on the hard
+    /// cases: halfway points between two f32s, exactly and a hair off,
+    /// subnormals, overflow, long and exponent-heavy texts.
+    #[test]
+    fn fast_float_conversion_agrees_with_the_exact_parser() {
+        let mut s: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        let check32 = |text: &str| {
+            let want = text.parse::<f32>().ok().filter(|x| x.is_finite());
+            let got = match data(&format!("[{text}]"), DataType::F32, 1) {
+                Ok(Data::F32(v)) => Some(v[0]),
+                Ok(other) => panic!("{other:?}"),
+                Err(e) => {
+                    assert!(e.to_string().contains("out of range"), "{text}: {e}");
+                    None
+                }
+            };
+            assert_eq!(got.map(f32::to_bits), want.map(f32::to_bits), "{text}");
+        };
+        let check64 = |text: &str| {
+            let want = text.parse::<f64>().ok().filter(|x| x.is_finite());
+            let got = match data(&format!("[{text}]"), DataType::F64, 1) {
+                Ok(Data::F64(v)) => Some(v[0]),
+                Ok(other) => panic!("{other:?}"),
+                Err(_) => None,
+            };
+            assert_eq!(got.map(f64::to_bits), want.map(f64::to_bits), "{text}");
+        };
+        for i in 0..40_000 {
+            let bits = next() as u32;
+            let x = f32::from_bits(bits);
+            if !x.is_finite() {
+                continue;
+            }
+            let wide = f64::from(x);
+            check32(&format!("{wide}"));
+            check32(&format!("{x}"));
+            check32(&format!("{x:.8e}"));
+            check32(&format!("{wide:.16e}"));
+            check64(&format!("{wide}"));
+            let any = f64::from_bits(next());
+            if any.is_finite() {
+                check64(&format!("{any}"));
+                check64(&format!("{any:e}"));
+            }
+            // Halfway between x and its successor: exactly, a hair
+            // either side, and cut to 17 and 19 digits.
+            let up = f64::from(f32::from_bits(bits.wrapping_add(1)));
+            if up.is_finite() {
+                let mid = (wide + up) / 2.0;
+                for t in [
+                    format!("{mid:.40e}"),
+                    format!("{mid:.16e}"),
+                    format!("{mid:.18e}"),
+                    format!("{}", f64::from_bits(mid.to_bits() + 1)),
+                    format!("{}", f64::from_bits(mid.to_bits() - 1)),
+                ] {
+                    check32(t.trim_start_matches('+'));
+                }
+            }
+            // Random digit strings with random exponents.
+            let digits = 1 + (next() % 25) as usize;
+            let t: String = (0..digits)
+                .map(|_| char::from(b'0' + (next() % 10) as u8))
+                .collect();
+            let t = t.trim_start_matches('0').to_string();
+            let t = if t.is_empty() { "0".to_string() } else { t };
+            let e = (next() % 100) as i64 - 60;
+            let text = if i % 2 == 0 {
+                format!("{t}e{e}")
+            } else {
+                let (a, b) = t.split_at(t.len().div_ceil(2));
+                format!("{a}.{}e{e}", if b.is_empty() { "0" } else { b })
+            };
+            check32(&text);
+            check64(&text);
+        }
+        for text in [
+            "16777217",
+            "16777219",
+            "0.1",
+            "3.4028235e38",
+            "3.4028236e38",
+            "1.1754943e-38",
+            "1.1754942e-38",
+            "1e-46",
+            "7e-46",
+            "0.000000000000000000000000000000000000000000001",
+            "9007199254740993",
+            "123456789012345678901234567890",
+            "1e22",
+            "1e23",
+            "-0",
+            "-0.0e5",
+        ] {
+            check32(text);
+            check64(text);
+        }
     }
 
     #[test]
