@@ -397,7 +397,9 @@ fn random_configs_requests_and_answers_never_trap_or_stall() {
             let ex = match vm.exchange(&req, &mut up) {
                 Ok(ex) => ex,
                 Err(e) => panic!(
-                    "trap (INFERMESH_FUZZ_SEED={seed}, vm seed {vm_seed}, request #{i}): {e:?}\nconfig: {cfg}\nrequest: {:?}",
+                    "trap after {:.1} s and {requests} requests (INFERMESH_FUZZ_SEED={seed}, vm seed \
+                     {vm_seed}, request #{i}): {e:?}\nconfig: {cfg}\nrequest: {:?}",
+                    t0.elapsed().as_secs_f64(),
                     short(&req)
                 ),
             };

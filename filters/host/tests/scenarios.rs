@@ -213,14 +213,14 @@ fn bad_configs_are_refused_naming_the_field() {
     let p = plugin();
     for (cfg, field) in [
         (
-            json!({"canary": {"splits": [{"model": "m", "versions": [{"name": "1", "weight": 99}]}]}}),
-            "weight",
+            json!({"canary": {"splits": [{"model": "m", "versions": [{"name": "1", "weight": 50}, {"name": "2", "weight": 49}]}]}}),
+            "canary.splits[0]",
         ),
         (
             json!({"router": {"models": [{"name": "m", "versions": ["1"], "aliases": {"stable": "9"}}]}}),
-            "aliases",
+            "router.models[0].aliases",
         ),
-        (json!({"failover": {"clouds": []}}), "clouds"),
+        (json!({"failover": {"clouds": []}}), "failover.clouds"),
         (json!("not an object"), ""),
     ] {
         let err = p
