@@ -111,8 +111,17 @@ fn value(r: &mut Rng) -> Vec<u8> {
             })
             .collect(),
         1 if r.chance(30) => vec![b'k'; 1 + r.below(96 << 10) as usize],
+        2 | 3 => odd(r, text(r).into_bytes()),
         _ => text(r).into_bytes(),
     }
+}
+
+/// `bytes` with one byte outside ASCII at a random place (not UTF-8,
+/// or a stray continuation byte).
+fn odd(r: &mut Rng, mut bytes: Vec<u8>) -> Vec<u8> {
+    let at = r.below(bytes.len() as u64 + 1) as usize;
+    bytes.insert(at, 0x80 | r.next() as u8);
+    bytes
 }
 
 fn path(r: &mut Rng) -> String {
@@ -153,6 +162,12 @@ fn body(r: &mut Rng) -> Vec<u8> {
             s.as_bytes()[..cut].to_vec()
         }
         5 => "[".repeat(r.below(5000) as usize).into_bytes(),
+        6 => {
+            let valid = serde_json::to_vec(&json!({"model": r.pick(MODELS),
+                "parameters": {"model_version": r.pick(VERSIONS)}}))
+            .unwrap_or_default();
+            odd(r, valid)
+        }
         _ => serde_json::to_vec(&json!({
             "id": "r", "model": r.pick(MODELS),
             "parameters": {"model_version": r.pick(VERSIONS)},
@@ -184,12 +199,17 @@ fn config(r: &mut Rng) -> Value {
             "trust_downstream_headers": r.chance(30),
         });
         if r.chance(20) {
-            canary["splits"][0]["schedule"] =
-                json!([{"at": "2020-01-01T00:00:00Z", "weights": [50, 50]}]);
+            // The VM clock starts at 2027-01-15T08:00:00Z.
+            canary["splits"][0]["schedule"] = json!({
+                "start": "2027-01-15T08:00:00Z",
+                "steps": [{"after_s": 0, "weights": {"2": 1}}, {"after_s": 1 + r.below(5), "weights": {"2": 50}}]
+            });
         }
         m["canary"] = canary;
     }
     if r.chance(50) || m.as_object().is_some_and(|o| o.is_empty()) {
+        let interval = 50 + r.below(500);
+        let try_ms = 10 + r.below(1000);
         m["failover"] = json!({
             "clouds": [
                 {"name": "aws", "cluster": "cloud-aws", "tags": ["eu"], "priority": 0},
@@ -198,10 +218,10 @@ fn config(r: &mut Rng) -> Value {
             ],
             "residency": {"header": "x-data-residency", "rules": {"eu": ["eu"], "us": ["us"]},
                           "default": ["*"], "on_unknown": if r.chance(50) { "reject" } else { "default" }},
-            "health": {"probe": {"interval_ms": 50 + r.below(500), "timeout_ms": 10 + r.below(200)},
+            "health": {"probe": {"interval_ms": interval, "timeout_ms": 1 + r.below(interval - 1)},
                        "passive": {"consecutive_failures": 1 + r.below(5)}},
             "replay": {"max_attempts": 1 + r.below(3), "max_body_bytes": r.below(100_000),
-                       "per_try_timeout_ms": 10 + r.below(1000), "total_deadline_ms": 50 + r.below(3000)},
+                       "per_try_timeout_ms": try_ms, "total_deadline_ms": try_ms + r.below(3000)},
             "hedge": if r.chance(70) { json!({"delay_ms": 1 + r.below(100)}) } else { json!({"enabled": false}) },
             "trust_downstream_headers": r.chance(30),
         });
@@ -349,6 +369,8 @@ fn random_configs_requests_and_answers_never_trap_or_stall() {
     let t0 = Instant::now();
     let mut rng = Rng(seed);
     let (mut vms, mut refused, mut requests, mut fuel) = (0u64, 0u64, 0u64, 0u64);
+    // Why unmangled configs were refused (the generator should make few).
+    let mut reasons: Vec<String> = Vec::new();
     while t0.elapsed() < Duration::from_secs(secs) {
         // One VM: a config, then a run of requests on it.
         let vm_seed = rng.next();
@@ -371,8 +393,11 @@ fn random_configs_requests_and_answers_never_trap_or_stall() {
         let mut vm = match plugin.start(&bytes, opts) {
             Ok(vm) => vm,
             Err(e) => match e.downcast_ref::<filter_host::Failure>() {
-                Some(filter_host::Failure::Refused { .. }) => {
+                Some(filter_host::Failure::Refused { logs }) => {
                     refused += 1;
+                    if !mangled && bytes.first() == Some(&b'{') && reasons.len() < 5 {
+                        reasons.push(logs.join(" | "));
+                    }
                     continue;
                 }
                 _ => panic!(
@@ -438,6 +463,9 @@ fn random_configs_requests_and_answers_never_trap_or_stall() {
         requests as f64 / took,
         fuel as f64 / requests.max(1) as f64
     );
+    for r in &reasons {
+        eprintln!("fuzz: refused: {r}");
+    }
     assert!(requests > 0);
 }
 
