@@ -161,6 +161,9 @@ impl State {
     }
 }
 
+/// A module compiled in this process: its path, bytes, engine and code.
+type Compiled = (PathBuf, Vec<u8>, Engine, Module);
+
 /// The compiled module, loaded once and instantiated per VM.
 #[derive(Clone)]
 pub struct Plugin {
@@ -202,7 +205,7 @@ impl Plugin {
     /// Loads and compiles the module at `path`; a file compiled before in
     /// this process (same path and bytes) is not compiled again.
     pub fn load(path: &Path) -> Result<Plugin> {
-        static COMPILED: Mutex<Vec<(PathBuf, Vec<u8>, Engine, Module)>> = Mutex::new(Vec::new());
+        static COMPILED: Mutex<Vec<Compiled>> = Mutex::new(Vec::new());
         let bytes = std::fs::read(path)
             .map_err(|e| wasmtime::Error::msg(format!("{}: {e}", path.display())))?;
         let mut compiled = COMPILED.lock().unwrap_or_else(|p| p.into_inner());

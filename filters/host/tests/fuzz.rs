@@ -111,7 +111,10 @@ fn value(r: &mut Rng) -> Vec<u8> {
             })
             .collect(),
         1 if r.chance(30) => vec![b'k'; 1 + r.below(96 << 10) as usize],
-        2 | 3 => odd(r, text(r).into_bytes()),
+        2 | 3 => {
+            let t = text(r).into_bytes();
+            odd(r, t)
+        }
         _ => text(r).into_bytes(),
     }
 }

@@ -724,7 +724,7 @@ fn failover_vm(cfg: serde_json::Value, allow_stop: bool) -> Vm {
 #[test]
 fn failover_picks_by_priority_and_says_who_served() {
     let mut vm = failover_vm(failover_config(), false);
-    let mut up = clouds(|c, s| stub(c, s), "aws");
+    let mut up = clouds(stub, "aws");
     for (residency, want) in [(None, "aws"), (Some("eu"), "aws"), (Some("us"), "azure")] {
         let ex = vm
             .exchange(
@@ -1000,7 +1000,7 @@ fn the_chain_follows_the_cloud_header_and_replays_with_the_version() {
         &json!({ "router": router, "canary": canary, "failover": failover }),
         Options::default(),
     );
-    let mut up = clouds(|c, s| stub(c, s), "azure");
+    let mut up = clouds(stub, "azure");
     let mut versions = std::collections::BTreeSet::new();
     for user in 0..40 {
         let ex = vm
