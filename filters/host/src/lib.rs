@@ -614,7 +614,19 @@ impl Vm {
         match out {
             Ok(r) => Ok(r),
             Err(e) => {
-                let msg = format!("{e:?}");
+                // The SDK's panic hook logs the panic message (critical)
+                // before the abort: keep it with the trap.
+                let said: Vec<String> = self
+                    .store
+                    .data()
+                    .logs
+                    .iter()
+                    .rev()
+                    .filter(|(level, _)| *level >= 4)
+                    .take(2)
+                    .map(|(_, m)| m.clone())
+                    .collect();
+                let msg = format!("{e:?}\nmodule log: {}", said.join(" | "));
                 self.trapped = Some(msg.clone());
                 Err(wasmtime::Error::new(Failure::Trap(msg)))
             }
