@@ -711,3 +711,43 @@ pub fn metric_sum(
         .map(|(_, (_, v))| *v)
         .sum()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_round_trip_and_malformed_ones_are_refused() {
+        let map: Headers = vec![
+            (":path".into(), b"/a".to_vec()),
+            ("x-bin".into(), vec![0xff, 0x00, 0x80]),
+            ("empty".into(), Vec::new()),
+        ];
+        let bytes = encode_map(&map);
+        assert_eq!(decode_map(&bytes), Some(map));
+        assert_eq!(decode_map(&[]), Some(Vec::new()));
+        // A count larger than the data, a truncated length table, a
+        // value running past the end.
+        assert_eq!(decode_map(&[9, 0, 0, 0]), None);
+        assert_eq!(decode_map(&bytes[..6]), None);
+        assert_eq!(decode_map(&bytes[..bytes.len() - 2]), None);
+        assert_eq!(decode_map(&[0xff, 0xff, 0xff, 0xff]), None);
+    }
+
+    #[test]
+    fn metrics_sum_by_tag() {
+        let mut m = BTreeMap::new();
+        m.insert(
+            "a_total.cloud=.=aws;.;outcome=.=ok;.;".to_owned(),
+            (MetricKind::Counter, 2),
+        );
+        m.insert(
+            "a_total.cloud=.=gcp;.;outcome=.=ok;.;".to_owned(),
+            (MetricKind::Counter, 3),
+        );
+        m.insert("a_total_other".to_owned(), (MetricKind::Counter, 100));
+        assert_eq!(metric_sum(&m, "a_total", &[]), 5);
+        assert_eq!(metric_sum(&m, "a_total", &[("cloud", "gcp")]), 3);
+        assert_eq!(metric_sum(&m, "a_total", &[("cloud", "azure")]), 0);
+    }
+}

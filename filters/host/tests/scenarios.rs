@@ -1043,3 +1043,48 @@ fn the_chain_follows_the_cloud_header_and_replays_with_the_version() {
     );
     assert_eq!(replay.header(MODEL).as_deref(), Some("digits-mlp"));
 }
+
+#[test]
+fn one_probe_per_interval_per_process() {
+    // Two workers (VMs) of one Envoy share data: claiming a probe round by
+    // compare-and-swap keeps it at about one round per interval. The
+    // negative control, two Envoys (nothing shared), probes twice as often.
+    for shared in [true, false] {
+        let store = std::rc::Rc::new(std::cell::RefCell::new(filter_host::Shared::default()));
+        let opts = || Options {
+            shared: shared.then(|| store.clone()),
+            ..Options::default()
+        };
+        let module = json!({ "failover": failover_config() });
+        let mut workers = [start(&module, opts()), start(&module, opts())];
+        let mut up = clouds(stub, "aws");
+        // 3 s in 10 ms steps, the workers interleaved.
+        for _ in 0..300 {
+            for vm in workers.iter_mut() {
+                vm.advance(10, &mut up).expect("no trap");
+            }
+        }
+        let probes: Vec<&Sent> = workers
+            .iter()
+            .flat_map(|vm| &vm.callouts)
+            .filter(|c| c.cluster.as_deref() == Some("cloud-gcp") && c.path() == "/v2/health/ready")
+            .collect();
+        let n = probes.len() as f64;
+        let expected = 3_000.0 / 200.0;
+        if shared {
+            assert!(
+                (expected * 0.75..=expected * 1.1).contains(&n),
+                "{n} probes of gcp in 3 s, expected ~{expected}"
+            );
+            assert!(store.borrow().data.len() >= 3, "a record per cloud");
+        } else {
+            assert!(n >= expected * 1.6, "{n} probes without sharing");
+        }
+        let p = probes.first().expect("a probe");
+        assert_eq!(p.header(":method").as_deref(), Some("GET"));
+        assert_eq!(
+            p.header("user-agent").as_deref(),
+            Some("infermesh-failover-probe")
+        );
+    }
+}
