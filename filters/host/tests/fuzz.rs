@@ -189,7 +189,7 @@ fn config(r: &mut Rng) -> Value {
         let mut router = json!({"models": models, "model_header": "x-model-name", "version_header": "x-model-version", "rewrite_path": r.chance(50)});
         if r.chance(70) {
             router["body"] = json!({"model_pointer": "/model", "version_pointer": "/parameters/model_version",
-                                    "max_wait_ms": r.below(300), "max_bytes": 1 + r.below(200_000)});
+                                    "max_wait_ms": 1 + r.below(300), "max_bytes": 1 + r.below(200_000)});
         }
         m["router"] = router;
     }
@@ -211,7 +211,7 @@ fn config(r: &mut Rng) -> Value {
         m["canary"] = canary;
     }
     if r.chance(50) || m.as_object().is_some_and(|o| o.is_empty()) {
-        let interval = 50 + r.below(500);
+        let interval = 100 + r.below(500);
         let try_ms = 10 + r.below(1000);
         m["failover"] = json!({
             "clouds": [
@@ -221,16 +221,22 @@ fn config(r: &mut Rng) -> Value {
             ],
             "residency": {"header": "x-data-residency", "rules": {"eu": ["eu"], "us": ["us"]},
                           "default": ["*"], "on_unknown": if r.chance(50) { "reject" } else { "default" }},
-            "health": {"probe": {"interval_ms": interval, "timeout_ms": 1 + r.below(interval - 1)},
+            "health": {"probe": {"interval_ms": interval, "timeout_ms": 10 + r.below(interval - 10)},
                        "passive": {"consecutive_failures": 1 + r.below(5)}},
             "replay": {"max_attempts": 1 + r.below(3), "max_body_bytes": r.below(100_000),
                        "per_try_timeout_ms": try_ms, "total_deadline_ms": try_ms + r.below(3000)},
-            "hedge": if r.chance(70) { json!({"delay_ms": 1 + r.below(100)}) } else { json!({"enabled": false}) },
+            "hedge": if r.chance(70) { json!({"delay_ms": 1 + r.below(try_ms.min(100) - 1)}) } else { json!({"enabled": false}) },
             "trust_downstream_headers": r.chance(30),
         });
     }
     if r.chance(20) {
         m["hosts"] = json!(["digits-mlp.models.svc.cluster.local", "*.example.com"]);
+    }
+    if r.chance(15) {
+        // Canary alone: checked against filter-core decision by decision.
+        if let Some(c) = m.get("canary").cloned() {
+            m = json!({ "canary": c });
+        }
     }
     m
 }
@@ -314,6 +320,13 @@ fn request(r: &mut Rng) -> Request {
             .push((":authority".into(), host.as_bytes().to_vec()));
     }
     let names = header_names();
+    if r.chance(50) {
+        // Most users send a key.
+        req.headers.push((
+            "x-user-id".into(),
+            format!("user-{}", r.below(1000)).into_bytes(),
+        ));
+    }
     for _ in 0..r.below(8) {
         let name = if r.chance(90) {
             r.pick(&names).to_string()
@@ -374,6 +387,7 @@ fn random_configs_requests_and_answers_never_trap_or_stall() {
     let (mut vms, mut refused, mut requests, mut fuel) = (0u64, 0u64, 0u64, 0u64);
     // Why unmangled configs were refused (the generator should make few).
     let mut reasons: Vec<String> = Vec::new();
+    let mut checked = 0u64;
     while t0.elapsed() < Duration::from_secs(secs) {
         // One VM: a config, then a run of requests on it.
         let vm_seed = rng.next();
@@ -410,6 +424,10 @@ fn random_configs_requests_and_answers_never_trap_or_stall() {
             },
         };
         vms += 1;
+        // A canary-only config: its decisions must be filter-core's.
+        let oracle = (!mangled && cfg.as_object().is_some_and(|o| o.len() == 1))
+            .then(|| filter_core::config::canary::parse(cfg["canary"].to_string().as_bytes()).ok())
+            .flatten();
         let mut answers = Rng(r.next());
         for i in 0..1 + r.below(40) {
             let req = request(&mut r);
@@ -422,6 +440,9 @@ fn random_configs_requests_and_answers_never_trap_or_stall() {
                     );
                 }
             }
+            // The canary decides in the request headers callback, first
+            // thing in the exchange.
+            let decided_at = vm.now_ms();
             let ex = match vm.exchange(&req, &mut up) {
                 Ok(ex) => ex,
                 Err(e) => panic!(
@@ -457,6 +478,17 @@ fn random_configs_requests_and_answers_never_trap_or_stall() {
                 "answered neither by the upstream nor the module: {}",
                 what()
             );
+            if let (Some(c), Some(up)) = (&oracle, &ex.upstream) {
+                if let Some(want) = canary_says(c, &req, decided_at) {
+                    assert_eq!(
+                        filter_host::header(&up.headers, "x-infermesh-version"),
+                        Some(want.as_bytes()),
+                        "the module's canary decision is not filter-core's: {}",
+                        what()
+                    );
+                    checked += 1;
+                }
+            }
         }
     }
     let took = t0.elapsed().as_secs_f64();
@@ -466,6 +498,7 @@ fn random_configs_requests_and_answers_never_trap_or_stall() {
         requests as f64 / took,
         fuel as f64 / requests.max(1) as f64
     );
+    eprintln!("fuzz: {checked} canary decisions checked against filter-core");
     for r in &reasons {
         eprintln!("fuzz: refused: {r}");
     }
@@ -487,4 +520,41 @@ fn short(req: &Request) -> String {
         req.chunks.iter().map(Vec::len).collect::<Vec<_>>(),
         req.trailers.is_some()
     )
+}
+
+/// The version filter-core's canary picks for `req`, when the pick does
+/// not depend on the random word (keyed, override, pinned).
+fn canary_says(
+    cfg: &filter_core::config::canary::CanaryConfig,
+    req: &Request,
+    now_ms: u64,
+) -> Option<String> {
+    use filter_core::canary::{self, Decision, How};
+    let first = |name: &str| filter_host::header(&req.headers, name);
+    // Client x-infermesh-* headers are removed unless the config trusts
+    // them, so they count only then.
+    let trusted = |name: &str| {
+        if cfg.trust_downstream_headers {
+            first(name)
+        } else {
+            None
+        }
+    };
+    let key = canary::sticky_key(&cfg.sticky_key, |h| first(h).map(<[u8]>::to_vec));
+    let r = canary::Request {
+        path: first(":path").unwrap_or_default(),
+        trusted_model: trusted("x-infermesh-model"),
+        trusted_version: trusted("x-infermesh-version"),
+        override_version: cfg.override_header.as_deref().and_then(first),
+        sticky_key: key.as_deref(),
+    };
+    let (split, version) = match canary::decide(cfg, &r, now_ms, 0) {
+        Decision::Split {
+            how: How::Unkeyed, ..
+        }
+        | Decision::Unmatched => return None,
+        Decision::Split { split, version, .. } => (split, version),
+        Decision::Pinned { split, version } => (split, version?),
+    };
+    cfg.splits.get(split)?.versions.get(version).cloned()
 }
