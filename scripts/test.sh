@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Runs every test of the project: unit and property tests, the e2e suite in
+# Runs every test of the project: unit and property tests, the shipped
+# module on wasmtime (filters/host: scenarios, fuel budgets, a 30 s
+# random-input smoke), the e2e suite in
 # a real Envoy (V8) against the shipped (wasm-opt'd) filter modules, the
 # sidecar's tests, the tritonclient and KServe client tests, the manifest
 # validation, the injector's webhook checked with jsonpatch + validate.py,
@@ -24,6 +26,8 @@ scripts/tools.sh wasm envoy manifests objectstores
 export INFERMESH_WASM_DIR="$root/dist"
 export ENVOY_BIN="${ENVOY_BIN:-$root/.tools/bin/envoy}"
 
+# filter-host's random-input smoke of the module runs this long (s).
+export INFERMESH_FUZZ_SECS="${INFERMESH_FUZZ_SECS:-30}"
 echo "== cargo test (workspace)"
 cargo test --workspace --locked --no-fail-fast
 
