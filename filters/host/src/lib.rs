@@ -663,8 +663,17 @@ impl Vm {
     }
 
     /// Sum of the metrics `name` with all of `tags` (see
-    /// `filter_core::stats`).
-    pub fn metric(&self, name: &str, tags: &[(&str, &str)]) -> i64 {
+    /// `filter_core::stats`), as a scrape sees them once the module has
+    /// published its counters: the module adds them up in the VM and sends
+    /// them on its root tick (`COUNTER_FLUSH_MS`), so one root tick runs
+    /// first, at the current time (as the test harness's `Envoy::stats`
+    /// waits out the flush period).
+    pub fn metric(&mut self, name: &str, tags: &[(&str, &str)]) -> i64 {
+        if self.store.data().tick_ms > 0 {
+            let tick = self.ex.tick.clone();
+            // A trap here shows up in the next call that drives the VM.
+            let _ = self.call(|s, _| tick.call(s, 1));
+        }
         abi::metric_sum(&self.shared().borrow().metrics, name, tags)
     }
 

@@ -536,7 +536,7 @@ fn router_routing_table() {
             }
         }
     }
-    let m = |name, tags: &[(&str, &str)]| vm.metric(name, tags);
+    let mut m = |name, tags: &[(&str, &str)]| vm.metric(name, tags);
     use stats::router::{BODY_FALLBACK, REJECTED, REQUESTS};
     assert_eq!(
         m(
