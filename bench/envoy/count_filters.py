@@ -14,7 +14,11 @@ the module up), the counters are zeroed, then REQUESTS requests are sent
 at RATE req/s (one keep-alive connection, GET PATH with x-user-id:
 user-k, or the variant's request set), and the counters are dumped. The
 rate is fixed so that timer work (failover's 10 ms tick, the stats flush)
-weighs on each request as it would at that rate outside valgrind.
+weighs on each request as it would at that rate outside valgrind; then
+the same Envoy idles IDLE_S seconds to count its timers alone, and the
+"net" column takes that rate times the window's length out (at a real
+proxy's thousands of requests per second a tick costs each request next
+to nothing; at valgrind's 50 per second it would not).
 
 What is counted: every instruction Envoy executes in the window, in all
 its threads: the connection, the HTTP codec, the filters (V8's JIT code
@@ -40,7 +44,8 @@ import run_filters as rf  # noqa: E402
 
 REQUESTS = int(os.environ.get("REQUESTS", "1000"))
 WARMUP_REQUESTS = int(os.environ.get("WARMUP_REQUESTS", "2000"))
-RATE = float(os.environ.get("COUNT_RATE", "100"))
+RATE = float(os.environ.get("COUNT_RATE", "50"))
+IDLE_S = float(os.environ.get("IDLE_S", "5"))
 # VARIANT@NAME runs VARIANT with bench/results/wasm/ab/NAME.wasm as the module.
 VARIANTS = os.environ.get(
     "VARIANTS", "native,noop,hash,module-canary,module-router+canary,module-chain,module-unconcerned").split(",")
@@ -112,19 +117,37 @@ def count(variant, workdir):
         rf.wait_for(lambda: p.poll() is None and rf.http_get(f"http://127.0.0.1:{rf.ADMIN}/ready")[0] == 200,
                     f"envoy ({variant}) ready under valgrind", timeout=600)
         bad_warm, _ = drive(variant, WARMUP_REQUESTS, 0)
-        callgrind(p.pid, "-z")
-        bad, lag = drive(variant, REQUESTS, RATE)
         for old in glob.glob(out + "*"):
             os.remove(old)
-        callgrind(p.pid, "-d")
-        dumps = sorted(glob.glob(out + "*"), key=os.path.getmtime)
-        if not dumps:
-            raise RuntimeError(f"{variant}: callgrind wrote no dump")
-        ir = sum(total_ir(d) for d in dumps)
+        callgrind(p.pid, "-z")
+        t0 = time.monotonic()
+        bad, lag = drive(variant, REQUESTS, RATE)
+        busy_s = time.monotonic() - t0
+        ir = dump(p.pid, out, variant)
+        # The same Envoy idle: its timers (the module's tick, the stats
+        # flush) per second, to take out of the window.
+        callgrind(p.pid, "-z")
+        t0 = time.monotonic()
+        time.sleep(IDLE_S)
+        idle_ir = dump(p.pid, out, variant)
+        idle_s = time.monotonic() - t0
     finally:
         rf.stop(p)
+    idle_per_s = idle_ir / idle_s
     return {"variant": variant, "requests": REQUESTS, "ir": ir, "ir_per_request": ir / REQUESTS,
+            "busy_s": busy_s, "idle_ir_per_s": idle_per_s,
+            "ir_per_request_net": (ir - idle_per_s * busy_s) / REQUESTS,
             "non_2xx": bad + bad_warm, "lag_s": lag}
+
+
+def dump(pid, out, variant):
+    """Dumps the counters since the last zero; returns the instructions."""
+    before = set(glob.glob(out + "*"))
+    callgrind(pid, "-d")
+    new = set(glob.glob(out + "*")) - before
+    if not new:
+        raise RuntimeError(f"{variant}: callgrind wrote no dump")
+    return sum(total_ir(d) for d in new)
 
 
 def register_ab(variant):
@@ -162,7 +185,8 @@ def main():
             note = f"  NON-2XX {r['non_2xx']}" if r["non_2xx"] else ""
             if r["lag_s"] > 1:
                 note += f"  (behind the {RATE:.0f}/s schedule by {r['lag_s']:.1f} s)"
-            rf.log(f"{v:<24} {r['ir_per_request'] / 1000:9.1f} k instructions/request{note}")
+            rf.log(f"{v:<24} {r['ir_per_request'] / 1000:9.1f} k instructions/request, "
+                   f"{r['ir_per_request_net'] / 1000:.1f} k net of {r['idle_ir_per_s'] / 1000:.1f} k/s idle{note}")
     finally:
         upstream.terminate()
         upstream.wait(5)
@@ -170,17 +194,19 @@ def main():
     base = lambda v: by.get(rf.ALL_VARIANTS[v].baseline)  # noqa: E731
     hash_added = None
     if "hash" in by and base("hash"):
-        hash_added = by["hash"]["ir_per_request"] - base("hash")["ir_per_request"]
+        hash_added = by["hash"]["ir_per_request_net"] - base("hash")["ir_per_request_net"]
     envoy = subprocess.run([rf.ENVOY, "--version"], capture_output=True, text=True).stdout.strip()
     print(f"envoy: {envoy}\n{REQUESTS} requests per variant at {RATE:.0f}/s after {WARMUP_REQUESTS} warm-up; "
           f"callgrind instruction counts (k = 1000 instructions)")
-    print(f"| variant | k instr/req | added k instr/req | × hash filter |\n|---|---|---|---|")
+    print("| variant | k instr/req | idle k instr/s (timers) | k instr/req net of timers | added k instr/req | × hash filter |")
+    print("|---|---|---|---|---|---|")
     for r in results:
         b = base(r["variant"])
-        added = r["ir_per_request"] - b["ir_per_request"] if b else None
+        added = r["ir_per_request_net"] - b["ir_per_request_net"] if b else None
         ratio = f"{added / hash_added:.2f}" if added is not None and hash_added else ""
         added_s = f"{added / 1000:+.1f}" if added is not None and r["variant"] != b["variant"] else ""
-        print(f"| {r['variant']} | {r['ir_per_request'] / 1000:.1f} | {added_s} | {ratio} |")
+        print(f"| {r['variant']} | {r['ir_per_request'] / 1000:.1f} | {r['idle_ir_per_s'] / 1000:.1f} | "
+              f"{r['ir_per_request_net'] / 1000:.1f} | {added_s} | {ratio} |")
     out = os.path.join(rf.RESULTS, f"count-{time.strftime('%Y%m%d-%H%M%S')}.json")
     with open(out, "w") as f:
         json.dump({"envoy": envoy, "requests": REQUESTS, "warmup": WARMUP_REQUESTS, "rate": RATE,
