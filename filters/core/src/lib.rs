@@ -25,6 +25,7 @@ pub mod guard;
 pub mod hash;
 pub mod headers;
 pub mod jsonscan;
+mod le;
 pub mod oip;
 pub mod router;
 pub mod schedule;

@@ -14,6 +14,7 @@
 //! error, which callers treat as a fresh record.
 
 use super::{Record, Rule, Slot, State, Tally, Version, LATENCY_BUCKETS, SLOTS};
+use crate::le::Reader;
 
 /// Version of the layout; bump it (and so the key) on any change.
 pub const FORMAT: u8 = 1;
@@ -38,33 +39,6 @@ pub enum DecodeError {
 
 fn check(body: &[u8]) -> u32 {
     (crate::hash::key_hash("canary-guard-record", body) >> 32) as u32
-}
-
-/// A little-endian cursor that reads zeros past the end (lengths are
-/// checked before reading).
-struct Reader<'a>(&'a [u8]);
-
-impl Reader<'_> {
-    fn take<const N: usize>(&mut self) -> [u8; N] {
-        let mut out = [0u8; N];
-        if let (Some(head), Some(rest)) = (self.0.get(..N), self.0.get(N..)) {
-            out.copy_from_slice(head);
-            self.0 = rest;
-        }
-        out
-    }
-    fn u8(&mut self) -> u8 {
-        u8::from_le_bytes(self.take())
-    }
-    fn u16(&mut self) -> u16 {
-        u16::from_le_bytes(self.take())
-    }
-    fn u32(&mut self) -> u32 {
-        u32::from_le_bytes(self.take())
-    }
-    fn u64(&mut self) -> u64 {
-        u64::from_le_bytes(self.take())
-    }
 }
 
 fn state_byte(s: State) -> u8 {
