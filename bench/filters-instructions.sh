@@ -17,19 +17,5 @@ fi
 [ -x .tools/bin/envoy ] || scripts/tools.sh envoy
 [ -f dist/infermesh.wasm ] || ./wasm-build.sh
 cargo build --release -p bench-tools
-cargo build --target wasm32-wasip1 --profile wasm -p bench-noop -p bench-hash-route
-mkdir -p bench/results/wasm
-for f in noop hash-route; do
-  src="target/wasm32-wasip1/wasm/bench_${f//-/_}.wasm"
-  dst="bench/results/wasm/$f.wasm"
-  if command -v wasm-opt >/dev/null 2>&1; then
-    # As bench/filters.sh and wasm-build.sh do.
-    wasm-opt -Oz --strip-debug --strip-producers \
-      --enable-bulk-memory --enable-sign-ext --enable-nontrapping-float-to-int \
-      --enable-mutable-globals --enable-multivalue --enable-reference-types \
-      "$src" -o "$dst"
-  else
-    cp "$src" "$dst"
-  fi
-done
+bench/build-filters.sh
 exec python3 bench/envoy/count_filters.py

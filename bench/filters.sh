@@ -72,21 +72,7 @@ if [ ! -f "$old_out/$old_ref" ] && git cat-file -e "$old_ref^{commit}" 2>/dev/nu
 fi
 
 cargo build --release -p bench-tools
-cargo build --target wasm32-wasip1 --profile wasm -p bench-noop -p bench-hash-route
-mkdir -p bench/results/wasm
-for f in noop hash-route; do
-  src="target/wasm32-wasip1/wasm/bench_${f//-/_}.wasm"
-  dst="bench/results/wasm/$f.wasm"
-  if command -v wasm-opt >/dev/null 2>&1; then
-    # The same flags wasm-build.sh uses for the product filters.
-    wasm-opt -Oz --strip-debug --strip-producers \
-      --enable-bulk-memory --enable-sign-ext --enable-nontrapping-float-to-int \
-      --enable-mutable-globals --enable-multivalue --enable-reference-types \
-      "$src" -o "$dst"
-  else
-    cp "$src" "$dst"
-  fi
-done
+bench/build-filters.sh
 
 echo "filters.sh: load before start: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 exec python3 bench/envoy/run_filters.py
