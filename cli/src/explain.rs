@@ -9,7 +9,8 @@ use filter_core::config::module::ModuleConfig;
 use filter_core::config::router::RouterConfig;
 use filter_core::hash::{bucket, BUCKETS};
 use filter_core::router;
-use filter_core::stats::canary::{GUARD_STATE, GUARD_TRIPS, WEIGHT};
+use filter_core::stats::canary::{GUARD_STATE, GUARD_TRIPS, PROMOTION_HELD, WEIGHT};
+use filter_core::stats::shadow::{AGREEMENTS, DISAGREEMENTS, ERRORS as SHADOW_ERRORS};
 use filter_core::weights::Weights;
 use filter_core::{headers, oip};
 
@@ -457,11 +458,12 @@ fn guarded_weights(cfg: &CanaryConfig, req: &ExplainRequest) -> Vec<Option<Weigh
         .iter()
         .map(|s| {
             s.guard.as_ref()?;
-            let disturbed = s
-                .versions
-                .iter()
-                .skip(1)
-                .any(|v| guard_state(stats, &s.model, v).is_some_and(|st| st != "normal"));
+            let held = stats.get(PROMOTION_HELD, &[("model", &s.model)]) == Some(1.0);
+            let disturbed = held
+                || s.versions
+                    .iter()
+                    .skip(1)
+                    .any(|v| guard_state(stats, &s.model, v).is_some_and(|st| st != "normal"));
             if !disturbed {
                 return None;
             }
@@ -491,6 +493,22 @@ fn guard_lines(s: &Split, req: &ExplainRequest) -> String {
             s.versions.get(sh.version).map_or("?", String::as_str),
             sh.cluster
         );
+        if let Some(stats) = &req.stats {
+            let candidate = s.versions.get(sh.version).map_or("", String::as_str);
+            let labels = [("model", s.model.as_str()), ("version", candidate)];
+            let agreed = stats.sum(AGREEMENTS, &labels);
+            let compared = agreed + stats.sum(DISAGREEMENTS, &labels);
+            let rate = if compared > 0.0 {
+                format!("{:.2}%", 100.0 * agreed / compared)
+            } else {
+                "-".to_owned()
+            };
+            let _ = writeln!(
+                out,
+                "shadow:    agreement {rate} ({agreed} of {compared} compared; {} copies failed)",
+                stats.sum(SHADOW_ERRORS, &labels)
+            );
+        }
     }
     let Some(g) = &s.guard else {
         return out;
@@ -504,6 +522,13 @@ fn guard_lines(s: &Split, req: &ExplainRequest) -> String {
     }
     if let Some(ms) = g.max_p99_ms_over_baseline {
         rules.push(format!("p99 > baseline + {ms} ms"));
+    }
+    if let Some(gate) = g.promotion {
+        rules.push(format!(
+            "schedule held while shadow agreement < {} or < {} compared",
+            pct(gate.min_agreement_bp),
+            gate.min_samples
+        ));
     }
     let after = match g.cool_off_ms {
         Some(ms) => format!(", probed at {} after {} s", pct(g.probe_bp), ms / 1000),
@@ -524,6 +549,14 @@ fn guard_lines(s: &Split, req: &ExplainRequest) -> String {
         );
         return out;
     };
+    if g.promotion.is_some() {
+        let held = match stats.get(PROMOTION_HELD, &[("model", &s.model)]) {
+            Some(v) if v == 1.0 => "held (the schedule does not step)",
+            Some(_) => "released (the schedule applies)",
+            None => "not in the stats",
+        };
+        let _ = writeln!(out, "guard:     promotion {held}");
+    }
     for v in s.versions.iter().skip(1) {
         let labels = [("model", s.model.as_str()), ("version", v.as_str())];
         let state = guard_state(stats, &s.model, v).unwrap_or("not in the stats");

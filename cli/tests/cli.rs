@@ -590,3 +590,59 @@ fn explain_shows_the_guard_state_from_a_proxys_stats() {
     assert_ne!(code, Some(0));
     assert!(err.contains("/nonexistent/stats.prom"), "{err}");
 }
+
+#[test]
+fn explain_shows_shadow_agreement_and_a_held_promotion() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("canary.json");
+    std::fs::write(
+        &cfg,
+        r#"{"splits":[{"model":"digits-mlp",
+             "versions":[{"name":"1","weight":100},{"name":"2","weight":0}],
+             "schedule":{"start":"2020-01-01T00:00:00Z","steps":[{"after_s":0,"weights":{"2":50}}]},
+             "guard":{"min_shadow_agreement":99,"min_shadow_samples":100},
+             "shadow":{"version":"2","fraction":0.2,"cluster":"v2",
+                       "compare":{"outputs":{"probabilities":"argmax"}}}}]}"#,
+    )
+    .unwrap();
+    let stats = dir.path().join("held.prom");
+    std::fs::write(
+        &stats,
+        "infermesh_canary_promotion_held{model=\"digits-mlp\"} 1\n\
+         infermesh_canary_guard_state{model=\"digits-mlp\",version=\"2\"} 0\n\
+         infermesh_canary_weight_bp{model=\"digits-mlp\",version=\"1\"} 10000\n\
+         infermesh_canary_weight_bp{model=\"digits-mlp\",version=\"2\"} 0\n\
+         infermesh_shadow_agreements_total{model=\"digits-mlp\",version=\"2\"} 439\n\
+         infermesh_shadow_disagreements_total{model=\"digits-mlp\",version=\"2\"} 11\n\
+         infermesh_shadow_errors_total{model=\"digits-mlp\",version=\"2\"} 0\n",
+    )
+    .unwrap();
+    let out = run(&[
+        "explain",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--path",
+        "/v2/models/digits-mlp/infer",
+        "--stats",
+        stats.to_str().unwrap(),
+    ]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("shadow:    agreement 97.56% (439 of 450 compared; 0 copies failed)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("schedule held while shadow agreement < 99.00% or < 100 compared"),
+        "{text}"
+    );
+    assert!(
+        text.contains("guard:     promotion held (the schedule does not step)"),
+        "{text}"
+    );
+    // Held at the base weights although the schedule says 50/50.
+    assert!(
+        text.contains("1=100.00% 2=0.00% (schedule step 0; the guard's weights, from the stats)"),
+        "{text}"
+    );
+}

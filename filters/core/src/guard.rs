@@ -34,6 +34,18 @@
 //! keys it serves are a subset of those it served before. Under `freeze`
 //! the split's weights stay those of the schedule at the trip.
 //!
+//! **Promotion gate.** With `min_shadow_agreement`, the split's shadow
+//! copies compared with the client's answers are counted in the record
+//! (since the config: compared, agreed). While fewer than
+//! `min_shadow_samples` were compared or the agreement is under the
+//! threshold, the gate is shut. Until the agreement is first reached
+//! under a config, a shut gate holds the split at its base weights (the
+//! candidate takes no more live traffic than `versions` gives it before
+//! its answers are proven); once reached, the schedule applies as
+//! written, and if agreement later falls under the threshold the
+//! schedule is held at the step in force at that moment (the record
+//! keeps the time) until it is back.
+//!
 //! **Sharing.** The shim adds each VM's outcomes to the split's
 //! [`Record`] in proxy-wasm shared data a few times a second with the CAS
 //! token, as failover's health does, and every VM reads the state back on
@@ -305,10 +317,56 @@ pub struct Transition {
 }
 
 /// A guarded split's shared record: one [`Version`] per version of the
-/// split, baseline first.
+/// split, baseline first, and the promotion gate's state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
     pub versions: Vec<Version>,
+    /// Shadow copies compared since the config, and how many agreed.
+    pub agreement: Agreement,
+    /// When the promotion gate shut, while it is shut (0: before the
+    /// schedule's first step: shut since the config arrived).
+    pub held_at_ms: Option<u64>,
+    /// The gate has been open under this config.
+    pub proven: bool,
+}
+
+/// Compared shadow copies and agreements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Agreement {
+    pub compared: u64,
+    pub agreed: u64,
+}
+
+impl Agreement {
+    pub fn add(&mut self, other: Agreement) {
+        self.compared = self.compared.saturating_add(other.compared);
+        self.agreed = self.agreed.saturating_add(other.agreed).min(self.compared);
+    }
+
+    /// Agreement in basis points of a percent; `None` with no samples.
+    pub fn rate_bp(&self) -> Option<Bp> {
+        let bp = u128::from(self.agreed) * u128::from(BUCKETS) / u128::from(self.compared.max(1));
+        (self.compared > 0).then(|| Bp::try_from(bp).unwrap_or(BUCKETS))
+    }
+
+    /// `97.25% agreement (389 of 400 compared)`.
+    pub fn describe(&self) -> String {
+        let rate = self.rate_bp().map_or("-".to_owned(), |bp| {
+            format!("{}.{:02}%", bp / 100, bp % 100)
+        });
+        format!(
+            "{rate} agreement ({} of {} compared)",
+            self.agreed, self.compared
+        )
+    }
+}
+
+/// A change of the promotion gate, for the shim's log line and gauge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GateChange {
+    /// `true`: the schedule is held from now on.
+    pub held: bool,
+    pub agreement: Agreement,
 }
 
 /// The shared-data key of a split's record.
@@ -336,6 +394,49 @@ impl Record {
     pub fn fresh(versions: usize) -> Record {
         Record {
             versions: vec![Version::default(); versions],
+            agreement: Agreement::default(),
+            held_at_ms: None,
+            proven: false,
+        }
+    }
+
+    /// Whether the promotion gate lets the schedule step.
+    pub fn gate_open(&self, guard: &Guard) -> bool {
+        let Some(gate) = guard.promotion else {
+            return true;
+        };
+        let a = self.agreement;
+        a.compared >= u64::from(gate.min_samples)
+            && a.rate_bp().is_some_and(|bp| bp >= gate.min_agreement_bp)
+    }
+
+    /// Adds compared shadow copies and moves the promotion gate; returns
+    /// its change, if any.
+    pub fn gate(&mut self, guard: &Guard, delta: Agreement, now_ms: u64) -> Option<GateChange> {
+        self.agreement.add(delta);
+        guard.promotion?;
+        let open = self.gate_open(guard);
+        match (open, self.held_at_ms) {
+            (false, None) => {
+                self.held_at_ms = Some(if self.proven { now_ms } else { 0 });
+                Some(GateChange {
+                    held: true,
+                    agreement: self.agreement,
+                })
+            }
+            (true, held) => {
+                let first = !self.proven;
+                self.proven = true;
+                if held.is_none() && !first {
+                    return None;
+                }
+                self.held_at_ms = None;
+                Some(GateChange {
+                    held: false,
+                    agreement: self.agreement,
+                })
+            }
+            (false, Some(_)) => None,
         }
     }
 
@@ -442,21 +543,29 @@ impl Record {
     /// The weights the split routes on at `now_ms` while some canary is
     /// not normal; `None`: the config's own weights apply.
     pub fn effective(&self, split: &Split, guard: &Guard, now_ms: u64) -> Option<Weights> {
-        if self.versions.iter().all(|v| v.state == State::Normal) {
+        let all_normal = self.versions.iter().all(|v| v.state == State::Normal);
+        if all_normal && self.held_at_ms.is_none() {
             return None;
+        }
+        // The schedule's time: held by a shut gate, or by a freeze.
+        let mut at = self.held_at_ms.map_or(now_ms, |h| h.min(now_ms));
+        if all_normal {
+            return Some(split.weights_at(at).clone());
         }
         let mut bp: Vec<Bp> = match guard.action {
             GuardAction::Freeze => {
-                let at = self
+                if let Some(t) = self
                     .versions
                     .iter()
                     .filter(|v| v.state != State::Normal)
                     .map(|v| v.tripped_at_ms)
                     .min()
-                    .unwrap_or(now_ms);
+                {
+                    at = at.min(t);
+                }
                 return Some(split.weights_at(at).clone());
             }
-            GuardAction::Rollback => split.weights_at(now_ms).as_bp().to_vec(),
+            GuardAction::Rollback => split.weights_at(at).as_bp().to_vec(),
         };
         for (w, v) in bp.iter_mut().zip(&self.versions).skip(1) {
             match v.state {

@@ -6,6 +6,8 @@
 //! shadow's fraction. The copy names the candidate in its path, so it
 //! reaches that version whatever the candidate's routing.
 
+pub mod compare;
+
 use crate::canary::How;
 use crate::config::canary::Split;
 use crate::hash::random_bucket;

@@ -44,6 +44,9 @@ pub mod canary {
     pub const GUARD_TRIPS: &str = "infermesh_canary_guard_trips_total";
     /// Outcomes the guard counted per version (`outcome`: ok, error).
     pub const GUARD_OUTCOMES: &str = "infermesh_canary_guard_outcomes_total";
+    /// Gauge per split with a promotion gate: 1 while its schedule is
+    /// held for want of shadow agreement.
+    pub const PROMOTION_HELD: &str = "infermesh_canary_promotion_held";
 }
 
 pub mod shadow {
@@ -54,6 +57,16 @@ pub mod shadow {
     /// Requests picked for a copy but not copied (`reason`: in_flight,
     /// body_too_large, dispatch).
     pub const SKIPPED: &str = "infermesh_shadow_skipped_total";
+    /// Answered copies whose answer agreed with the client's.
+    pub const AGREEMENTS: &str = "infermesh_shadow_agreements_total";
+    /// Answered copies whose answer did not.
+    pub const DISAGREEMENTS: &str = "infermesh_shadow_disagreements_total";
+    /// Answered copies not compared (`reason`: baseline_failed,
+    /// baseline_unreadable, no_baseline, too_large, backlog).
+    pub const NOT_COMPARED: &str = "infermesh_shadow_not_compared_total";
+    /// Histogram: the largest absolute difference between numeric
+    /// outputs of a compared copy, in millionths (1000000 = 1.0).
+    pub const DIFFERENCE: &str = "infermesh_shadow_difference_millionths";
 }
 
 pub mod failover {

@@ -19,10 +19,11 @@ use std::time::Duration;
 
 use filter_core::canary::{self, Decision, How, Request};
 use filter_core::config::canary::{CanaryConfig, Guard, GuardAction};
-use filter_core::guard::{self, Record, State, Tally, Transition};
+use filter_core::guard::{self, Agreement, GateChange, Record, State, Tally, Transition};
 use filter_core::hash::fmix64;
 use filter_core::headers;
 use filter_core::shadow;
+use filter_core::shadow::compare::{self, Verdict};
 use filter_core::weights::Weights;
 use log::{debug, info, warn};
 use proxy_wasm::hostcalls;
@@ -58,8 +59,13 @@ pub struct Canary {
     /// callout made in a stream's callback belongs to the stream, and its
     /// answer is lost when the stream ends first.
     queued: RefCell<Vec<Copy>>,
-    /// Copies in flight: callout token -> split.
-    copies: RefCell<HashMap<u32, usize>>,
+    /// Copies in flight: callout token -> (split, pair).
+    copies: RefCell<HashMap<u32, (usize, Option<u64>)>>,
+    /// Answers of mirrored requests waiting for the other side, by pair
+    /// id: the client's (from the stream) and the candidate's (from the
+    /// callout).
+    pairs: RefCell<HashMap<u64, Pair>>,
+    next_pair: Cell<u64>,
     /// Any split mirrors (then the root must tick).
     has_shadow: bool,
 }
@@ -71,11 +77,40 @@ pub const SHADOW_TICK_MS: u64 = 20;
 /// headers as they went upstream and the body so far.
 pub struct Copy {
     split: usize,
+    /// The pair its answer is compared in, if the comparison has room.
+    pair: Option<u64>,
     path: String,
     headers: Vec<(String, Vec<u8>)>,
     body: Vec<u8>,
     too_large: bool,
 }
+
+/// An answer: status and body (`None`: over the size limit).
+struct Answer {
+    status: u32,
+    body: Option<Vec<u8>>,
+}
+
+/// A mirrored request's two answers, as they come.
+struct Pair {
+    split: usize,
+    started_ms: u64,
+    baseline: Option<Answer>,
+    candidate: Option<Answer>,
+}
+
+/// The client's answer to a mirrored request, as the stream sees it.
+pub struct Capture {
+    pair: u64,
+    status: u32,
+    body: Vec<u8>,
+    too_large: bool,
+}
+
+/// Pairs per in-flight copy allowed before new copies go uncompared.
+const PAIRS_PER_COPY: usize = 4;
+/// How long after a copy's timeout a pair waits for the client's answer.
+const PAIR_GRACE_MS: u64 = 10_000;
 
 /// How often the guards flush this VM's outcomes and read the shared
 /// state: the bound on how stale a VM's view of a trip is.
@@ -90,6 +125,10 @@ struct Guarded {
     fingerprint: u32,
     /// Outcomes of this VM not yet in shared data, per version.
     pending: RefCell<Vec<Tally>>,
+    /// Shadow comparisons of this VM not yet in shared data.
+    agreement: Cell<Agreement>,
+    /// The promotion gate as this VM last saw it.
+    held: Cell<bool>,
     /// The states as this VM last saw them, per version.
     states: RefCell<Vec<State>>,
 }
@@ -135,6 +174,8 @@ impl Canary {
                     key: guard::shared_key(&s.model),
                     fingerprint: guard::fingerprint(s),
                     pending: RefCell::new(vec![Tally::default(); s.versions.len()]),
+                    agreement: Cell::new(Agreement::default()),
+                    held: Cell::new(false),
                     states: RefCell::new(vec![State::Normal; s.versions.len()]),
                 })
             })
@@ -153,6 +194,8 @@ impl Canary {
             started_copy: RefCell::new(None),
             queued: RefCell::new(Vec::new()),
             copies: RefCell::new(HashMap::new()),
+            pairs: RefCell::new(HashMap::new()),
+            next_pair: Cell::new(0),
             has_shadow: cfg.splits.iter().any(|s| s.shadow.is_some()),
             served_by,
             cfg,
@@ -280,6 +323,7 @@ impl Canary {
     pub fn on_tick(&self, now_ms: u64) {
         self.guard_tick(now_ms);
         self.send_queued();
+        self.expire_pairs(now_ms);
     }
 
     /// A watch on a request routed to `version` of `split`, if the split
@@ -327,11 +371,15 @@ impl Canary {
                 &mut *g.pending.borrow_mut(),
                 vec![Tally::default(); split.versions.len()],
             );
-            match self.flush(g, split.versions.len(), cfg, &deltas, now_ms) {
-                Some((rec, transitions)) => {
+            let agreement = g.agreement.take();
+            match self.flush(g, split.versions.len(), cfg, &deltas, agreement, now_ms) {
+                Some((rec, transitions, gate)) => {
                     self.metrics.outcomes(i, &deltas);
                     for t in &transitions {
                         self.log_transition(i, cfg, t);
+                    }
+                    if let Some(change) = gate {
+                        self.log_gate(i, &rec, change, now_ms);
                     }
                     self.take_in(i, &rec, now_ms);
                 }
@@ -341,6 +389,9 @@ impl Canary {
                     for (p, d) in g.pending.borrow_mut().iter_mut().zip(&deltas) {
                         p.add(d);
                     }
+                    let mut a = g.agreement.get();
+                    a.add(agreement);
+                    g.agreement.set(a);
                 }
             }
         }
@@ -354,21 +405,23 @@ impl Canary {
         versions: usize,
         cfg: &Guard,
         deltas: &[Tally],
+        agreement: Agreement,
         now_ms: u64,
-    ) -> Option<(Record, Vec<Transition>)> {
-        let any = deltas.iter().any(|d| !d.is_empty());
+    ) -> Option<(Record, Vec<Transition>, Option<GateChange>)> {
+        let any = deltas.iter().any(|d| !d.is_empty()) || agreement.compared > 0;
         for _ in 0..CAS_TRIES {
             let (bytes, cas) = hostcalls::get_shared_data(&g.key).ok()?;
             let mut rec = Record::decode_or_fresh(bytes.as_deref(), g.fingerprint, versions);
             rec.add(cfg, now_ms, deltas);
             let transitions = rec.step(cfg, now_ms);
-            if any || !transitions.is_empty() {
+            let gate = rec.gate(cfg, agreement, now_ms);
+            if any || !transitions.is_empty() || gate.is_some() {
                 let bytes = rec.encode(g.fingerprint);
                 if hostcalls::set_shared_data(&g.key, Some(&bytes), cas).is_err() {
                     continue;
                 }
             }
-            return Some((rec, transitions));
+            return Some((rec, transitions, gate));
         }
         debug!(
             "infermesh canary guard: update of {} lost {CAS_TRIES} CAS races",
@@ -387,6 +440,12 @@ impl Canary {
             return;
         };
         let mut changed = false;
+        let held = rec.held_at_ms.is_some();
+        if g.held.get() != held {
+            g.held.set(held);
+            changed = true;
+            self.metrics.set_promotion_held(split, held);
+        }
         for (v, seen) in g.states.borrow_mut().iter_mut().enumerate() {
             let now = rec.state(v);
             if *seen != now {
@@ -447,6 +506,35 @@ impl Canary {
     }
 }
 
+impl Canary {
+    /// The one log line per gate change, from the VM that made it.
+    fn log_gate(&self, split: usize, rec: &Record, change: GateChange, now_ms: u64) {
+        let Some(s) = self.cfg.splits.get(split) else {
+            return;
+        };
+        let gate = s.guard.as_ref().and_then(|g| g.promotion);
+        let min = gate.map_or(0, |g| g.min_agreement_bp);
+        let samples = gate.map_or(0, |g| g.min_samples);
+        let weights = s.weights_at(rec.held_at_ms.unwrap_or(now_ms));
+        if change.held {
+            warn!(
+                "infermesh canary guard: model {} promotion held at weights {:?} (bp): shadow {}, needs {}.{:02}% over at least {samples}",
+                s.model,
+                weights.as_bp(),
+                change.agreement.describe(),
+                min / 100,
+                min % 100
+            );
+        } else {
+            info!(
+                "infermesh canary guard: model {} promotion released: shadow {}; the schedule applies",
+                s.model,
+                change.agreement.describe()
+            );
+        }
+    }
+}
+
 /// Mirroring: the shadow copies.
 impl Canary {
     /// Starts a copy of the request if its split mirrors it; the stream
@@ -462,8 +550,10 @@ impl Canary {
         let Some(path) = shadow::mirror_path(s, version, how, path, self.random()) else {
             return;
         };
+        let pair = self.start_pair(split, s.shadow.as_ref().map_or(0, |sh| sh.max_in_flight));
         *self.started_copy.borrow_mut() = Some(Copy {
             split,
+            pair,
             path,
             headers: hdrs.list().to_vec(),
             body: Vec::new(),
@@ -474,6 +564,194 @@ impl Canary {
     /// The copy the last decision started, if any.
     pub fn take_copy(&self) -> Option<Copy> {
         self.started_copy.borrow_mut().take()
+    }
+
+    /// A pair for a new copy's answers, unless too many wait already
+    /// (then the copy is sent but not compared).
+    fn start_pair(&self, split: usize, max_in_flight: u32) -> Option<u64> {
+        let mut pairs = self.pairs.borrow_mut();
+        if pairs.len() >= (max_in_flight as usize).saturating_mul(PAIRS_PER_COPY) {
+            self.metrics.shadow_not_compared(split, "backlog");
+            return None;
+        }
+        let id = self.next_pair.get().wrapping_add(1);
+        self.next_pair.set(id);
+        pairs.insert(
+            id,
+            Pair {
+                split,
+                started_ms: filter_shim::now_ms(&crate::Host),
+                baseline: None,
+                candidate: None,
+            },
+        );
+        Some(id)
+    }
+
+    /// The stream's capture of the client's answer to a copied request.
+    pub fn capture(&self, copy: &Copy) -> Option<Capture> {
+        copy.pair.map(|pair| Capture {
+            pair,
+            status: 0,
+            body: Vec::new(),
+            too_large: false,
+        })
+    }
+
+    /// The client's response headers: `end_of_stream` ends the answer.
+    pub fn capture_headers(
+        &self,
+        mut cap: Capture,
+        status: u32,
+        end_of_stream: bool,
+    ) -> Option<Capture> {
+        cap.status = status;
+        if end_of_stream {
+            self.baseline_answered(cap);
+            return None;
+        }
+        Some(cap)
+    }
+
+    /// A chunk of the client's response body (`ctx` holds it).
+    pub fn capture_body(
+        &self,
+        mut cap: Capture,
+        ctx: &dyn HttpContext,
+        body_size: usize,
+        end_of_stream: bool,
+    ) -> Option<Capture> {
+        let cap_bytes = self
+            .pairs
+            .borrow()
+            .get(&cap.pair)
+            .and_then(|p| self.cfg.splits.get(p.split))
+            .and_then(|s| s.shadow.as_ref())
+            .map_or(0, |sh| sh.max_body_bytes as usize);
+        if !cap.too_large && body_size > 0 {
+            if cap.body.len().saturating_add(body_size) > cap_bytes {
+                cap.too_large = true;
+                cap.body = Vec::new();
+            } else if let Some(chunk) = ctx.get_http_response_body(0, body_size) {
+                cap.body.extend_from_slice(&chunk);
+            }
+        }
+        if end_of_stream {
+            self.baseline_answered(cap);
+            return None;
+        }
+        Some(cap)
+    }
+
+    /// The stream ended before its answer was complete.
+    pub fn capture_lost(&self, cap: Capture) {
+        if let Some(p) = self.pairs.borrow_mut().remove(&cap.pair) {
+            if p.candidate.is_some() {
+                self.metrics.shadow_not_compared(p.split, "no_baseline");
+            }
+            // Without the candidate's answer yet, the callout's end
+            // finds no pair and counts nothing more.
+        }
+    }
+
+    fn baseline_answered(&self, cap: Capture) {
+        let answer = Answer {
+            status: cap.status,
+            body: (!cap.too_large).then_some(cap.body),
+        };
+        self.deposit(cap.pair, answer, true);
+    }
+
+    /// One side of a pair arrived; compares when both are in.
+    fn deposit(&self, pair: u64, answer: Answer, baseline: bool) {
+        let ready = {
+            let mut pairs = self.pairs.borrow_mut();
+            let Some(p) = pairs.get_mut(&pair) else {
+                return;
+            };
+            if baseline {
+                p.baseline = Some(answer);
+            } else {
+                p.candidate = Some(answer);
+            }
+            if p.baseline.is_some() && p.candidate.is_some() {
+                pairs.remove(&pair)
+            } else {
+                None
+            }
+        };
+        if let Some(Pair {
+            split,
+            baseline: Some(b),
+            candidate: Some(c),
+            ..
+        }) = ready
+        {
+            self.judge(split, &b, &c);
+        }
+    }
+
+    fn judge(&self, split: usize, b: &Answer, c: &Answer) {
+        let Some(s) = self.cfg.splits.get(split) else {
+            return;
+        };
+        let Some(sh) = &s.shadow else {
+            return;
+        };
+        let (Some(bb), Some(cb)) = (&b.body, &c.body) else {
+            self.metrics.shadow_not_compared(split, "too_large");
+            return;
+        };
+        let result = compare::compare(&sh.compare, b.status, bb, c.status, cb);
+        match &result.verdict {
+            Verdict::Agree => self.agreed(split, true, result.max_abs_diff),
+            Verdict::Disagree { output, why } => {
+                debug!(
+                    "infermesh canary shadow: model {} candidate disagrees on output {output:?}: {why}",
+                    s.model
+                );
+                self.agreed(split, false, result.max_abs_diff);
+            }
+            Verdict::Incomparable(reason) => self.metrics.shadow_not_compared(split, reason),
+        }
+    }
+
+    fn agreed(&self, split: usize, agreed: bool, max_abs_diff: Option<f64>) {
+        self.metrics.shadow_compared(split, agreed, max_abs_diff);
+        if let Some(Some(g)) = self.guards.get(split) {
+            let mut a = g.agreement.get();
+            a.add(Agreement {
+                compared: 1,
+                agreed: u64::from(agreed),
+            });
+            g.agreement.set(a);
+        }
+    }
+
+    /// Drops pairs whose other side will not come.
+    fn expire_pairs(&self, now_ms: u64) {
+        let mut pairs = self.pairs.borrow_mut();
+        if pairs.is_empty() {
+            return;
+        }
+        let splits = &self.cfg.splits;
+        pairs.retain(|_, p| {
+            let timeout = splits
+                .get(p.split)
+                .and_then(|s| s.shadow.as_ref())
+                .map_or(0, |sh| sh.timeout_ms);
+            let keep = now_ms.saturating_sub(p.started_ms) <= timeout.saturating_add(PAIR_GRACE_MS);
+            if !keep && p.candidate.is_some() {
+                self.metrics.shadow_not_compared(p.split, "no_baseline");
+            }
+            keep
+        });
+    }
+
+    fn drop_pair(&self, pair: Option<u64>) {
+        if let Some(id) = pair {
+            self.pairs.borrow_mut().remove(&id);
+        }
     }
 
     /// A chunk of the request body (`ctx` holds it); at the end of the
@@ -518,11 +796,13 @@ impl Canary {
             .map_or(0, |sh| sh.max_in_flight as usize);
         if copy.too_large {
             self.metrics.shadow_skipped(copy.split, "body_too_large");
+            self.drop_pair(copy.pair);
             return;
         }
         let pending = self.copies.borrow().len() + self.queued.borrow().len();
         if pending >= max {
             self.metrics.shadow_skipped(copy.split, "in_flight");
+            self.drop_pair(copy.pair);
             return;
         }
         self.queued.borrow_mut().push(copy);
@@ -548,11 +828,14 @@ impl Canary {
             return;
         };
         let candidate = s.versions.get(sh.version).map_or("", String::as_str);
+        // Ask for an uncompressed answer when it is compared.
+        let compared = copy.pair.is_some();
         let mut hdrs: Vec<(&str, &str)> = Vec::with_capacity(copy.headers.len() + 4);
         for (name, value) in &copy.headers {
             if crate::failover::NOT_FORWARDED.contains(&name.as_str())
                 || name == ":path"
                 || headers::is_owned(name)
+                || (compared && name == "accept-encoding")
             {
                 continue;
             }
@@ -574,10 +857,13 @@ impl Canary {
         );
         match sent {
             Ok(token) => {
-                self.copies.borrow_mut().insert(token, copy.split);
+                self.copies
+                    .borrow_mut()
+                    .insert(token, (copy.split, copy.pair));
             }
             Err(status) => {
                 self.metrics.shadow_skipped(copy.split, "dispatch");
+                self.drop_pair(copy.pair);
                 debug!(
                     "infermesh canary: cannot copy to shadow cluster {}: {status:?}",
                     sh.cluster
@@ -588,8 +874,8 @@ impl Canary {
 
     /// A callout answered on the root context: `true` if it was a shadow
     /// copy (counted here), `false` if it belongs to another stage.
-    pub fn on_copy_response(&self, token: u32, num_headers: usize) -> bool {
-        let Some(split) = self.copies.borrow_mut().remove(&token) else {
+    pub fn on_copy_response(&self, token: u32, num_headers: usize, body_size: usize) -> bool {
+        let Some((split, pair)) = self.copies.borrow_mut().remove(&token) else {
             return false;
         };
         // No headers: reset or timeout.
@@ -604,8 +890,35 @@ impl Canary {
             })
             .flatten()
             .and_then(|s| s.parse::<u32>().ok());
-        self.metrics
-            .shadow_answered(split, status.is_some_and(|s| s < 500));
+        let ok = status.is_some_and(|s| s < 500);
+        self.metrics.shadow_answered(split, ok);
+        match (ok, status, pair) {
+            (true, Some(status), Some(pair)) => {
+                let max = self
+                    .cfg
+                    .splits
+                    .get(split)
+                    .and_then(|s| s.shadow.as_ref())
+                    .map_or(0, |sh| sh.max_body_bytes as usize);
+                let body = if body_size > max {
+                    None
+                } else {
+                    Some(
+                        hostcalls::get_buffer(
+                            proxy_wasm::types::BufferType::HttpCallResponseBody,
+                            0,
+                            body_size,
+                        )
+                        .ok()
+                        .flatten()
+                        .unwrap_or_default(),
+                    )
+                };
+                self.deposit(pair, Answer { status, body }, false);
+            }
+            // A failed copy is an error, not a disagreement.
+            _ => self.drop_pair(pair),
+        }
         true
     }
 }

@@ -9,7 +9,7 @@ use filter_core::guard::{Rule, State, Tally};
 use filter_core::stats::canary::*;
 use filter_core::stats::shadow;
 use filter_core::stats::tagged;
-use filter_shim::{bump, counter, gauge, set};
+use filter_shim::{bump, counter, gauge, histogram, set};
 use proxy_wasm::types::Status;
 
 /// Decisions per version: keyed, unkeyed, override (the `How` values) and
@@ -34,11 +34,25 @@ pub struct Metrics {
 }
 
 const SKIP_REASONS: [&str; 3] = ["in_flight", "body_too_large", "dispatch"];
+/// Why an answered copy was not compared.
+pub const NOT_COMPARED_REASONS: [&str; 5] = [
+    "baseline_failed",
+    "baseline_unreadable",
+    "no_baseline",
+    "too_large",
+    "backlog",
+];
 
 struct ShadowIds {
     ok: u32,
     error: u32,
     skipped: [u32; 3],
+    agreements: u32,
+    disagreements: u32,
+    not_compared: [u32; 5],
+    difference: u32,
+    /// The promotion gate's gauge, if the split has one.
+    held: Option<u32>,
 }
 
 #[derive(Default)]
@@ -87,10 +101,34 @@ impl Metrics {
                         ],
                     ))?;
                 }
+                let mut not_compared = [0u32; 5];
+                for (slot, reason) in not_compared.iter_mut().zip(NOT_COMPARED_REASONS) {
+                    *slot = counter(&tagged(
+                        shadow::NOT_COMPARED,
+                        &[
+                            ("model", split.model.as_str()),
+                            ("version", v),
+                            ("reason", reason),
+                        ],
+                    ))?;
+                }
+                let gated = split.guard.as_ref().is_some_and(|g| g.promotion.is_some());
                 ids = Some(ShadowIds {
                     ok: counter(&tagged(shadow::REQUESTS, &mv))?,
                     error: counter(&tagged(shadow::ERRORS, &mv))?,
                     skipped,
+                    agreements: counter(&tagged(shadow::AGREEMENTS, &mv))?,
+                    disagreements: counter(&tagged(shadow::DISAGREEMENTS, &mv))?,
+                    not_compared,
+                    difference: histogram(&tagged(shadow::DIFFERENCE, &mv))?,
+                    held: if gated {
+                        Some(gauge(&tagged(
+                            PROMOTION_HELD,
+                            &[("model", split.model.as_str())],
+                        ))?)
+                    } else {
+                        None
+                    },
                 });
             }
             shadow_ids.push(ids);
@@ -261,5 +299,43 @@ impl Metrics {
                 .and_then(|i| ids.skipped.get(i).copied())
         });
         bump(id, 1);
+    }
+
+    /// A compared copy: agreed or not, and the largest numeric difference.
+    pub fn shadow_compared(&self, split: usize, agreed: bool, max_abs_diff: Option<f64>) {
+        let Some(ids) = self.shadow_ids(split) else {
+            return;
+        };
+        bump(
+            Some(if agreed {
+                ids.agreements
+            } else {
+                ids.disagreements
+            }),
+            1,
+        );
+        if let Some(d) = max_abs_diff {
+            // Saturating float-to-int cast; NaN records 0.
+            set(ids.difference, (d * 1e6).round() as u64);
+        }
+    }
+
+    /// An answered copy that was not compared (`reason` one of
+    /// [`NOT_COMPARED_REASONS`]).
+    pub fn shadow_not_compared(&self, split: usize, reason: &str) {
+        let id = self.shadow_ids(split).and_then(|ids| {
+            NOT_COMPARED_REASONS
+                .iter()
+                .position(|r| *r == reason)
+                .and_then(|i| ids.not_compared.get(i).copied())
+        });
+        bump(id, 1);
+    }
+
+    /// The promotion gate's gauge.
+    pub fn set_promotion_held(&self, split: usize, held: bool) {
+        if let Some(id) = self.shadow_ids(split).and_then(|ids| ids.held) {
+            set(id, u64::from(held));
+        }
     }
 }

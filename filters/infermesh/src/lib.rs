@@ -155,7 +155,7 @@ impl Context for Root {
         _num_trailers: usize,
     ) {
         let canary = self.stages.as_ref().and_then(|s| s.canary.as_ref());
-        if canary.is_some_and(|c| c.on_copy_response(token_id, num_headers)) {
+        if canary.is_some_and(|c| c.on_copy_response(token_id, num_headers, body_size)) {
             return;
         }
         if let Some(f) = self.stages.as_ref().and_then(|s| s.failover.clone()) {
@@ -231,6 +231,7 @@ impl RootContext for Root {
                 served: None,
                 watch: None,
                 copy: None,
+                capture: None,
                 served_at: None,
                 done: false,
             })),
@@ -279,6 +280,8 @@ struct Inner {
     watch: Option<canary::Watch>,
     /// The shadow copy of this request, until its body is complete.
     copy: Option<canary::Copy>,
+    /// The client's answer to a copied request, for the comparison.
+    capture: Option<canary::Capture>,
     /// The cloud failover reports for a response that passed through.
     served_at: Option<usize>,
     /// A stage answered the request itself.
@@ -530,15 +533,17 @@ impl HttpContext for Stream {
         Action::Continue
     }
 
-    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         let Some((stages, mut inner)) = self.active() else {
             return Action::Continue;
         };
+        let watched = inner.watch.is_some() || inner.capture.is_some();
+        // The routed try's own status, before failover may replace it.
+        let status: Option<u32> = watched
+            .then(|| Host.get_http_response_header(":status"))
+            .flatten()
+            .and_then(|s| s.parse().ok());
         if let (Some(w), Some(c)) = (inner.watch.take(), &stages.canary) {
-            // The routed try's own status, before failover may replace it.
-            let status = Host
-                .get_http_response_header(":status")
-                .and_then(|s| s.parse().ok());
             c.observe(w, status, now_ms(&Host));
         }
         let mut from_failover = false;
@@ -553,6 +558,9 @@ impl HttpContext for Stream {
                 // The stage's own reply: its headers are set.
                 None => from_failover = f.replied(),
             }
+        }
+        if let (Some(cap), Some(c)) = (inner.capture.take(), &stages.canary) {
+            inner.capture = c.capture_headers(cap, status.unwrap_or(0), end_of_stream);
         }
         if stages.served_by && !from_failover {
             let prefix = inner.served_prefix(&stages);
@@ -573,10 +581,20 @@ impl HttpContext for Stream {
         Action::Continue
     }
 
-    fn on_http_response_body(&mut self, _body_size: usize, _end_of_stream: bool) -> Action {
-        self.inner
-            .try_borrow()
-            .map_or(Action::Continue, |i| i.response_action())
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let Ok(mut inner) = self.inner.try_borrow_mut() else {
+            return Action::Continue;
+        };
+        let action = inner.response_action();
+        if action == Action::Continue {
+            if let (Some(cap), Some(c)) = (
+                inner.capture.take(),
+                self.stages.as_ref().and_then(|s| s.canary.as_ref()),
+            ) {
+                inner.capture = c.capture_body(cap, &Host, body_size, end_of_stream);
+            }
+        }
+        action
     }
 
     fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
@@ -587,13 +605,19 @@ impl HttpContext for Stream {
 
     fn on_log(&mut self) {
         // A watched request that got no response headers was reset.
-        let watch = self
+        let (watch, capture) = self
             .inner
             .try_borrow_mut()
             .ok()
-            .and_then(|mut i| i.watch.take());
-        if let (Some(w), Some(c)) = (watch, self.stages.as_ref().and_then(|s| s.canary.as_ref())) {
+            .map_or((None, None), |mut i| (i.watch.take(), i.capture.take()));
+        let Some(c) = self.stages.as_ref().and_then(|s| s.canary.as_ref()) else {
+            return;
+        };
+        if let Some(w) = watch {
             c.observe(w, None, now_ms(&Host));
+        }
+        if let Some(cap) = capture {
+            c.capture_lost(cap);
         }
     }
 }
@@ -604,7 +628,7 @@ const NOT_CONFIGURED: &[u8] = br#"{"error":"infermesh filter is not configured"}
 /// The host as seen by the stages: every call goes to the current
 /// (effective) context, which during a stream callback is that stream,
 /// and during a root tick the stream made effective for it.
-struct Host;
+pub(crate) struct Host;
 impl Context for Host {}
 impl HttpContext for Host {}
 
@@ -658,6 +682,7 @@ impl Inner {
                 self.served = Some(Served::Canary(s, v));
                 self.watch = canary.watch(s, v, || now_ms(&Host));
                 self.copy = canary.take_copy();
+                self.capture = self.copy.as_ref().and_then(|c| canary.capture(c));
                 if end_of_stream {
                     if let Some(copy) = self.copy.take() {
                         canary.send_copy(copy);

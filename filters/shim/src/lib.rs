@@ -93,6 +93,11 @@ pub fn gauge(name: &str) -> Result<u32, Status> {
     hostcalls::define_metric(MetricType::Gauge, name)
 }
 
+/// Defines a histogram.
+pub fn histogram(name: &str) -> Result<u32, Status> {
+    hostcalls::define_metric(MetricType::Histogram, name)
+}
+
 thread_local! {
     /// Counter increments not yet sent to the host: `(metric id, count)`,
     /// one entry per counter changed since the last flush.
@@ -137,7 +142,7 @@ pub fn flush_counters() {
     });
 }
 
-/// Sets a gauge.
+/// Sets a gauge, or records a value in a histogram.
 pub fn set(id: u32, value: u64) {
     let _ = hostcalls::record_metric(id, value);
 }

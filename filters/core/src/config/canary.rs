@@ -14,7 +14,13 @@
 //!       "window_s": 10, "min_requests": 50,
 //!       "max_error_rate": 5, "max_error_rate_over_baseline": 2,
 //!       "max_p99_ms_over_baseline": 100,
-//!       "action": "rollback", "cool_off_s": 600, "probe_percent": 1
+//!       "action": "rollback", "cool_off_s": 600, "probe_percent": 1,
+//!       "min_shadow_agreement": 98, "min_shadow_samples": 100
+//!     },
+//!     "shadow": {
+//!       "version": "2", "fraction": 0.2, "cluster": "outbound|8080|v2|digits-mlp",
+//!       "compare": {"abs_tolerance": 1e-4, "rel_tolerance": 1e-3,
+//!                   "outputs": {"label": "exact", "probabilities": "argmax"}}
 //!     }
 //!   }],
 //!   "sticky_key": [{"header": "x-user-id"}, {"cookie": "uid"}],
@@ -80,6 +86,19 @@ struct RawShadow {
     max_in_flight: Option<u32>,
     #[serde(default)]
     max_body_bytes: Option<u32>,
+    #[serde(default)]
+    compare: Option<RawCompare>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCompare {
+    #[serde(default)]
+    abs_tolerance: Option<f64>,
+    #[serde(default)]
+    rel_tolerance: Option<f64>,
+    #[serde(default)]
+    outputs: BTreeMap<String, OutputMode>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -101,6 +120,10 @@ struct RawGuard {
     cool_off_s: Option<u64>,
     #[serde(default)]
     probe_percent: Option<f64>,
+    #[serde(default)]
+    min_shadow_agreement: Option<f64>,
+    #[serde(default)]
+    min_shadow_samples: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -168,6 +191,19 @@ pub struct Guard {
     pub cool_off_ms: Option<u64>,
     /// The canary's share, at most, while it is probed after the cool-off.
     pub probe_bp: Bp,
+    /// The promotion gate: the schedule does not step while the shadow's
+    /// agreement is under this share (or has fewer than `samples`
+    /// compared copies). `None`: no gate.
+    pub promotion: Option<PromotionGate>,
+}
+
+/// The guard's promotion gate on shadow agreement, see [`crate::guard`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PromotionGate {
+    /// Least agreement, basis points of a percent.
+    pub min_agreement_bp: Bp,
+    /// Least compared copies before the agreement counts.
+    pub min_samples: u32,
 }
 
 /// Guard limits and defaults.
@@ -179,6 +215,7 @@ pub const GUARD_MAX_MIN_REQUESTS: u32 = 1_000_000;
 pub const GUARD_MAX_P99_MS: u64 = 600_000;
 pub const GUARD_MAX_COOL_OFF_S: u64 = 7 * 86_400;
 pub const GUARD_PROBE_PERCENT: f64 = 1.0;
+pub const GUARD_MIN_SHADOW_SAMPLES: u32 = 100;
 
 /// A split's mirror: a copy of a share of the baseline's infer requests
 /// goes to a candidate version, whose answer the client never sees.
@@ -194,8 +231,63 @@ pub struct Shadow {
     pub timeout_ms: u64,
     /// Copies in flight per worker at most; a request beyond is not copied.
     pub max_in_flight: u32,
-    /// A larger request body is not copied.
+    /// A larger request body is not copied (and a larger response is
+    /// not compared).
     pub max_body_bytes: u32,
+    /// How the candidate's answer is compared with the client's.
+    pub compare: Compare,
+}
+
+/// How a shadow's answer is compared with the baseline's, output by
+/// output, see [`crate::shadow::compare`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Compare {
+    /// Numeric outputs agree where `|a - b| <= abs + rel * |a|` for every
+    /// element (`a` the baseline's).
+    pub abs_tolerance: f64,
+    pub rel_tolerance: f64,
+    /// Per output name; an output not named is compared by its datatype:
+    /// floating point with the tolerances, anything else exactly.
+    pub outputs: BTreeMap<String, OutputMode>,
+}
+
+// The tolerances are validated finite, so equality is an equivalence.
+impl Eq for Compare {}
+
+impl Default for Compare {
+    fn default() -> Self {
+        Compare {
+            abs_tolerance: SHADOW_ABS_TOLERANCE,
+            rel_tolerance: SHADOW_REL_TOLERANCE,
+            outputs: BTreeMap::new(),
+        }
+    }
+}
+
+/// How one output is compared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputMode {
+    /// Every element equal (labels, class ids, strings).
+    Exact,
+    /// The index of the largest element of each row (the last dimension)
+    /// equal: a classifier's scores or probabilities.
+    Argmax,
+    /// Every element within the tolerances.
+    Tolerance,
+    /// Not compared.
+    Ignore,
+}
+
+impl OutputMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutputMode::Exact => "exact",
+            OutputMode::Argmax => "argmax",
+            OutputMode::Tolerance => "tolerance",
+            OutputMode::Ignore => "ignore",
+        }
+    }
 }
 
 /// Shadow limits and defaults.
@@ -205,6 +297,9 @@ pub const SHADOW_MAX_IN_FLIGHT: u32 = 64;
 pub const SHADOW_MAX_IN_FLIGHT_LIMIT: u32 = 10_000;
 pub const SHADOW_MAX_BODY_BYTES: u32 = 256 << 10;
 pub const SHADOW_MAX_BODY_LIMIT: u32 = 16 << 20;
+pub const SHADOW_ABS_TOLERANCE: f64 = 1e-4;
+pub const SHADOW_REL_TOLERANCE: f64 = 1e-3;
+pub const SHADOW_MAX_COMPARED_OUTPUTS: usize = 64;
 
 /// Where a sticky key is read from, tried in config order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -385,6 +480,12 @@ fn validate_split(path: &str, raw: RawSplit) -> Result<Split, ConfigError> {
         None => None,
         Some(sh) => Some(validate_shadow(&format!("{path}.shadow"), sh, &names)?),
     };
+    if guard.as_ref().is_some_and(|g| g.promotion.is_some()) && shadow.is_none() {
+        return Err(ConfigError::new(
+            format!("{path}.guard.min_shadow_agreement"),
+            "needs a shadow on the split: agreement is measured on its copies",
+        ));
+    }
     Ok(Split {
         model: raw.model,
         versions: names,
@@ -455,6 +556,10 @@ fn validate_shadow(path: &str, raw: RawShadow, names: &[String]) -> Result<Shado
         u64::from(raw.max_body_bytes.unwrap_or(SHADOW_MAX_BODY_BYTES)),
         u64::from(SHADOW_MAX_BODY_LIMIT),
     )?;
+    let compare = match raw.compare {
+        None => Compare::default(),
+        Some(c) => validate_compare(&format!("{path}.compare"), c)?,
+    };
     Ok(Shadow {
         version,
         fraction_bp,
@@ -463,6 +568,45 @@ fn validate_shadow(path: &str, raw: RawShadow, names: &[String]) -> Result<Shado
         timeout_ms,
         max_in_flight: u32::try_from(max_in_flight).unwrap_or(SHADOW_MAX_IN_FLIGHT),
         max_body_bytes: u32::try_from(max_body_bytes).unwrap_or(SHADOW_MAX_BODY_BYTES),
+        compare,
+    })
+}
+
+fn validate_compare(path: &str, raw: RawCompare) -> Result<Compare, ConfigError> {
+    let tolerance = |field: &str, v: Option<f64>, default: f64| -> Result<f64, ConfigError> {
+        let v = v.unwrap_or(default);
+        if v.is_finite() && v >= 0.0 {
+            Ok(v)
+        } else {
+            Err(ConfigError::new(
+                format!("{path}.{field}"),
+                format!("{v} is not a finite number of at least 0"),
+            ))
+        }
+    };
+    let abs_tolerance = tolerance("abs_tolerance", raw.abs_tolerance, SHADOW_ABS_TOLERANCE)?;
+    let rel_tolerance = tolerance("rel_tolerance", raw.rel_tolerance, SHADOW_REL_TOLERANCE)?;
+    if raw.outputs.len() > SHADOW_MAX_COMPARED_OUTPUTS {
+        return Err(ConfigError::new(
+            format!("{path}.outputs"),
+            format!(
+                "{} outputs named; at most {SHADOW_MAX_COMPARED_OUTPUTS}",
+                raw.outputs.len()
+            ),
+        ));
+    }
+    for name in raw.outputs.keys() {
+        if name.is_empty() || name.len() > 256 {
+            return Err(ConfigError::new(
+                format!("{path}.outputs"),
+                format!("{name:?} is not an output name (1 to 256 bytes)"),
+            ));
+        }
+    }
+    Ok(Compare {
+        abs_tolerance,
+        rel_tolerance,
+        outputs: raw.outputs,
     })
 }
 
@@ -514,14 +658,44 @@ fn validate_guard(path: &str, raw: RawGuard) -> Result<Guard, ConfigError> {
             ));
         }
     }
+    let promotion = match raw.min_shadow_agreement {
+        None if raw.min_shadow_samples.is_some() => {
+            return Err(ConfigError::new(
+                format!("{path}.min_shadow_samples"),
+                "needs min_shadow_agreement",
+            ))
+        }
+        None => None,
+        Some(p) => {
+            let fpath = format!("{path}.min_shadow_agreement");
+            if !p.is_finite() || p <= 0.0 || p > 100.0 {
+                return Err(ConfigError::new(
+                    fpath,
+                    format!("{p} is not a percentage above 0 and at most 100"),
+                ));
+            }
+            let min_samples = raw.min_shadow_samples.unwrap_or(GUARD_MIN_SHADOW_SAMPLES);
+            if !(1..=GUARD_MAX_MIN_REQUESTS).contains(&min_samples) {
+                return Err(ConfigError::new(
+                    format!("{path}.min_shadow_samples"),
+                    format!("{min_samples} is not between 1 and {GUARD_MAX_MIN_REQUESTS}"),
+                ));
+            }
+            Some(PromotionGate {
+                min_agreement_bp: percent_to_bp(&fpath, p)?,
+                min_samples,
+            })
+        }
+    };
     if max_error_rate_bp.is_none()
         && max_error_rate_over_baseline_bp.is_none()
         && raw.max_p99_ms_over_baseline.is_none()
+        && promotion.is_none()
     {
         return Err(ConfigError::new(
             path,
-            "a guard needs at least one rule: max_error_rate, max_error_rate_over_baseline \
-             or max_p99_ms_over_baseline",
+            "a guard needs at least one rule: max_error_rate, max_error_rate_over_baseline, \
+             max_p99_ms_over_baseline or min_shadow_agreement",
         ));
     }
     let cool_off_ms = match raw.cool_off_s {
@@ -562,6 +736,7 @@ fn validate_guard(path: &str, raw: RawGuard) -> Result<Guard, ConfigError> {
         action: raw.action.unwrap_or(GuardAction::Rollback),
         cool_off_ms,
         probe_bp,
+        promotion,
     })
 }
 

@@ -1,7 +1,9 @@
 //! The shared-data encoding of a guard [`Record`], little-endian:
 //!
 //! ```text
-//! header   1 format (= FORMAT), 1 version count, 2 reserved (0), 4 fingerprint
+//! header   1 format (= FORMAT), 1 version count, 1 gate (bit 0 held, bit 1 proven),
+//!          1 reserved (0),
+//!          4 fingerprint, 8 held_at_ms, 8 compared, 8 agreed
 //! version  1 state (0 normal, 1 tripped, 2 probing)
 //!          1 rule (0 none, 1 error_rate, 2 error_rate_over_baseline, 3 p99)
 //!          2 reserved (0), 8 since_ms, 8 tripped_at_ms
@@ -10,15 +12,15 @@
 //! ```
 //!
 //! Decoding checks the length, format, enum values, reserved bytes,
-//! `errors <= requests` and the check word, so stray bytes read as an
+//! `errors <= requests`, `agreed <= compared` and the check word, so stray bytes read as an
 //! error, which callers treat as a fresh record.
 
-use super::{Record, Rule, Slot, State, Tally, Version, LATENCY_BUCKETS, SLOTS};
+use super::{Agreement, Record, Rule, Slot, State, Tally, Version, LATENCY_BUCKETS, SLOTS};
 use crate::le::Reader;
 
 /// Version of the layout; bump it (and so the key) on any change.
-pub const FORMAT: u8 = 1;
-const HEADER: usize = 8;
+pub const FORMAT: u8 = 2;
+const HEADER: usize = 32;
 const SLOT_BYTES: usize = 16 + 4 * LATENCY_BUCKETS;
 const VERSION_BYTES: usize = 20 + SLOTS * SLOT_BYTES;
 
@@ -64,8 +66,12 @@ impl Record {
         let mut out = Vec::with_capacity(HEADER + self.versions.len() * VERSION_BYTES + 4);
         out.push(FORMAT);
         out.push(u8::try_from(self.versions.len()).unwrap_or(u8::MAX));
-        out.extend_from_slice(&[0, 0]);
+        out.push(u8::from(self.held_at_ms.is_some()) | u8::from(self.proven) << 1);
+        out.push(0);
         out.extend_from_slice(&fingerprint.to_le_bytes());
+        out.extend_from_slice(&self.held_at_ms.unwrap_or(0).to_le_bytes());
+        out.extend_from_slice(&self.agreement.compared.to_le_bytes());
+        out.extend_from_slice(&self.agreement.agreed.to_le_bytes());
         for v in &self.versions {
             out.push(state_byte(v.state));
             out.push(rule_byte(v.rule));
@@ -103,11 +109,24 @@ impl Record {
             return Err(DecodeError::Check);
         }
         let _count = r.u8();
-        if r.u16() != 0 {
+        let gate = r.u8();
+        if gate > 3 {
+            return Err(DecodeError::Field("gate"));
+        }
+        let (held, proven) = (gate & 1 != 0, gate & 2 != 0);
+        if r.u8() != 0 {
             return Err(DecodeError::Field("reserved"));
         }
         if r.u32() != fingerprint {
             return Err(DecodeError::Fingerprint);
+        }
+        let held_at_ms = r.u64();
+        let agreement = Agreement {
+            compared: r.u64(),
+            agreed: r.u64(),
+        };
+        if agreement.agreed > agreement.compared {
+            return Err(DecodeError::Field("agreed"));
         }
         let mut versions = Vec::with_capacity(n);
         for _ in 0..n {
@@ -153,6 +172,11 @@ impl Record {
                 slots,
             });
         }
-        Ok(Record { versions })
+        Ok(Record {
+            versions,
+            agreement,
+            held_at_ms: held.then_some(held_at_ms),
+            proven,
+        })
     }
 }

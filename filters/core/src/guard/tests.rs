@@ -205,6 +205,94 @@ fn freeze_keeps_the_step_of_the_trip() {
     assert_eq!(split.weights_at(30_000).as_bp(), [7_500, 2_500]);
 }
 
+/// A split stepping 0 -> 1% -> 5% -> 25% at 1 s, 11 s, 21 s, with a shadow
+/// and a promotion gate of 98% over 100 samples.
+fn gated(extra_guard: &str) -> CanaryConfig {
+    let json = format!(
+        r#"{{"splits":[{{"model":"m","versions":[{{"name":"1","weight":100}},{{"name":"2","weight":0}}],
+        "schedule":{{"start":"1970-01-01T00:00:01Z","steps":[{{"after_s":0,"weights":{{"2":1}}}},{{"after_s":10,"weights":{{"2":5}}}},{{"after_s":20,"weights":{{"2":25}}}}]}},
+        "shadow":{{"version":"2","fraction":0.5,"cluster":"v2"}},
+        "guard":{{"min_requests":5,"min_shadow_agreement":98{extra_guard}}}}}]}}"#
+    );
+    parse(json.as_bytes()).unwrap()
+}
+
+fn agreement(compared: u64, agreed: u64) -> Agreement {
+    Agreement { compared, agreed }
+}
+
+#[test]
+fn the_gate_holds_the_schedule_until_agreement_is_proven() {
+    let cfg = gated("");
+    let (split, g) = (&cfg.splits[0], guard_of(&cfg));
+    let mut r = Record::fresh(2);
+    // No samples yet: shut from the first flush, before the first step.
+    let change = r.gate(&g, Agreement::default(), 500).unwrap();
+    assert!(change.held);
+    assert_eq!(r.held_at_ms, Some(0), "held at the base weights");
+    assert_eq!(r.effective(split, &g, 15_000).unwrap().as_bp(), [10_000, 0]);
+    // 99 of 99 agree: still too few samples.
+    assert_eq!(r.gate(&g, agreement(99, 99), 15_000), None);
+    assert_eq!(r.effective(split, &g, 15_000).unwrap().as_bp(), [10_000, 0]);
+    // The 100th: proven; the schedule applies as written.
+    let change = r.gate(&g, agreement(1, 1), 15_100).unwrap();
+    assert!(!change.held);
+    assert_eq!(r.effective(split, &g, 15_100), None);
+    assert_eq!(split.weights_at(15_100).as_bp(), [9_500, 500]);
+    // Agreement falls under 98%: held at the step of that moment.
+    assert_eq!(
+        r.gate(&g, agreement(100, 94), 16_000).unwrap().agreement,
+        agreement(200, 194)
+    );
+    assert_eq!(r.held_at_ms, Some(16_000));
+    assert_eq!(
+        r.effective(split, &g, 40_000).unwrap().as_bp(),
+        [9_500, 500]
+    );
+    // And back above it.
+    assert!(!r.gate(&g, agreement(300, 300), 41_000).unwrap().held);
+    assert_eq!(r.effective(split, &g, 41_000), None);
+}
+
+#[test]
+fn a_gate_and_a_rollback_together() {
+    let cfg = gated(r#","max_error_rate":10"#);
+    let (split, g) = (&cfg.splits[0], guard_of(&cfg));
+    let mut r = Record::fresh(2);
+    r.gate(&g, agreement(100, 100), 12_000);
+    assert_eq!(r.effective(split, &g, 12_000), None);
+    r.add(&g, 12_000, &[tally(10, 0, 1), tally(10, 10, 1)]);
+    assert_eq!(r.step(&g, 12_000)[0].to, State::Tripped);
+    assert_eq!(r.effective(split, &g, 12_000).unwrap().as_bp(), [10_000, 0]);
+    // Held and rolled back: the canary still gets nothing.
+    r.gate(&g, agreement(100, 0), 13_000);
+    assert_eq!(r.effective(split, &g, 30_000).unwrap().as_bp(), [10_000, 0]);
+}
+
+#[test]
+fn without_a_gate_agreement_is_only_counted() {
+    let cfg = config(r#"{"max_error_rate":10}"#);
+    let g = guard_of(&cfg);
+    let mut r = Record::fresh(2);
+    assert_eq!(r.gate(&g, agreement(10, 1), 1_000), None);
+    assert_eq!(r.agreement, agreement(10, 1));
+    assert_eq!(r.held_at_ms, None);
+    assert!(r.gate_open(&g));
+}
+
+#[test]
+fn agreement_rates_and_saturation() {
+    assert_eq!(Agreement::default().rate_bp(), None);
+    assert_eq!(agreement(400, 389).rate_bp(), Some(9_725));
+    assert_eq!(
+        agreement(400, 389).describe(),
+        "97.25% agreement (389 of 400 compared)"
+    );
+    let mut a = agreement(u64::MAX - 1, u64::MAX - 1);
+    a.add(agreement(5, 5));
+    assert_eq!(a, agreement(u64::MAX, u64::MAX));
+}
+
 fn keyed_version(cfg: &CanaryConfig, guarded: &[Option<Weights>], key: &str) -> usize {
     let req = Request {
         path: b"/v2/models/m/infer",
@@ -292,6 +380,12 @@ fn decode_refuses_what_it_did_not_write() {
     let mut r = Record::fresh(2);
     r.add(&g, 5_000, &[tally(3, 1, 7), tally(4, 2, 700)]);
     r.step(&g, 5_000);
+    r.agreement = Agreement {
+        compared: 10,
+        agreed: 7,
+    };
+    r.held_at_ms = Some(4_000);
+    r.proven = true;
     let bytes = r.encode(42);
     assert_eq!(Record::decode(&bytes, 42), Ok(r.clone()));
     assert_eq!(Record::decode(&bytes, 43), Err(DecodeError::Fingerprint));
@@ -318,7 +412,7 @@ fn decode_refuses_what_it_did_not_write() {
 fn shared_key_names_the_format_and_model() {
     assert_eq!(
         shared_key("digits-mlp"),
-        "infermesh.canary.guard.v1.digits-mlp"
+        "infermesh.canary.guard.v2.digits-mlp"
     );
 }
 

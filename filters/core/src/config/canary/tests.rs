@@ -277,6 +277,31 @@ fn every_bad_guard_field_is_named() {
             "unknown field",
         ),
         (r#""on""#, "splits[0].guard", "invalid type"),
+        (
+            r#"{"min_shadow_agreement":0}"#,
+            "splits[0].guard.min_shadow_agreement",
+            "above 0 and at most 100",
+        ),
+        (
+            r#"{"min_shadow_agreement":100.5}"#,
+            "splits[0].guard.min_shadow_agreement",
+            "above 0 and at most 100",
+        ),
+        (
+            r#"{"max_error_rate":5,"min_shadow_samples":10}"#,
+            "splits[0].guard.min_shadow_samples",
+            "needs min_shadow_agreement",
+        ),
+        (
+            r#"{"min_shadow_agreement":98,"min_shadow_samples":0}"#,
+            "splits[0].guard.min_shadow_samples",
+            "between 1",
+        ),
+        (
+            r#"{"min_shadow_agreement":98}"#,
+            "splits[0].guard.min_shadow_agreement",
+            "needs a shadow on the split",
+        ),
     ];
     for (guard, path, needle) in cases {
         let e = match guarded(guard) {
@@ -325,6 +350,23 @@ fn shadow_parses_with_defaults() {
         (s.timeout_ms, s.max_in_flight, s.max_body_bytes),
         (50, 1, 10)
     );
+}
+
+#[test]
+fn shadow_compare_and_promotion_gate_parse() {
+    let json = r#"{"splits":[{"model":"m","versions":[{"name":"a","weight":100},{"name":"b","weight":0}],
+        "guard":{"min_shadow_agreement":97.5},
+        "shadow":{"version":"b","fraction":0.2,"cluster":"v2",
+                  "compare":{"abs_tolerance":0.01,"outputs":{"label":"exact","probabilities":"argmax"}}}}]}"#;
+    let c = parse(json.as_bytes()).unwrap();
+    let split = &c.splits[0];
+    let gate = split.guard.as_ref().unwrap().promotion.unwrap();
+    assert_eq!(gate.min_agreement_bp, 9_750);
+    assert_eq!(gate.min_samples, GUARD_MIN_SHADOW_SAMPLES);
+    let cmp = &split.shadow.as_ref().unwrap().compare;
+    assert_eq!(cmp.abs_tolerance, 0.01);
+    assert_eq!(cmp.rel_tolerance, SHADOW_REL_TOLERANCE);
+    assert_eq!(cmp.outputs.get("probabilities"), Some(&OutputMode::Argmax));
 }
 
 #[test]
@@ -399,6 +441,26 @@ fn every_bad_shadow_field_is_named() {
             r#"{"version":"b","fraction":0.2,"cluster":"v2","mirror":true}"#,
             "splits[0].shadow.mirror",
             "unknown field",
+        ),
+        (
+            r#"{"version":"b","fraction":0.2,"cluster":"v2","compare":{"abs_tolerance":-1}}"#,
+            "splits[0].shadow.compare.abs_tolerance",
+            "at least 0",
+        ),
+        (
+            r#"{"version":"b","fraction":0.2,"cluster":"v2","compare":{"rel_tolerance":"x"}}"#,
+            "splits[0].shadow.compare.rel_tolerance",
+            "invalid type",
+        ),
+        (
+            r#"{"version":"b","fraction":0.2,"cluster":"v2","compare":{"outputs":{"p":"close"}}}"#,
+            "splits[0].shadow.compare.outputs.p",
+            "unknown variant `close`",
+        ),
+        (
+            r#"{"version":"b","fraction":0.2,"cluster":"v2","compare":{"outputs":{"":"exact"}}}"#,
+            "splits[0].shadow.compare.outputs",
+            "not an output name",
         ),
     ];
     for (shadow, path, needle) in cases {
