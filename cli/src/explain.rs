@@ -551,7 +551,7 @@ fn guard_lines(s: &Split, req: &ExplainRequest) -> String {
     };
     if g.promotion.is_some() {
         let held = match stats.get(PROMOTION_HELD, &[("model", &s.model)]) {
-            Some(v) if v == 1.0 => "held (the schedule does not step)",
+            Some(1.0) => "held (the schedule does not step)",
             Some(_) => "released (the schedule applies)",
             None => "not in the stats",
         };
