@@ -14,8 +14,14 @@ use mesh::load::{self, Plan, Record};
 use mesh::{Client, Req, Resp};
 use serde_json::{json, Value};
 
-use crate::local::{LocalMesh, Options, CLOUDS, RESIDENCY_HEADER, VERSIONS};
+use crate::local::{
+    LocalMesh, Options, CLOUDS, FAULT_RUNTIME_KEY, GUARDED_MODEL, RESIDENCY_HEADER, SHADOWED_MODEL,
+    VERSIONS,
+};
+use filter_core::stats::canary::GUARD_TRIPS;
 use filter_core::stats::failover::{REQUESTS, TRANSITIONS};
+use filter_core::stats::shadow::{AGREEMENTS, DISAGREEMENTS};
+use mesh::digits;
 
 /// Users in the split and ramp steps.
 const USERS: usize = 2_000;
@@ -38,6 +44,15 @@ const SWITCH_LIMIT_MS: f64 = 2_000.0;
 const READMIT_MIN_MS: f64 = 800.0;
 const RETURN_LIMIT_MS: f64 = 4_000.0;
 const RETURN_SHARE: f64 = 90.0;
+/// The guard act: open-loop rate and length, when the fault starts, the
+/// share of the canary's requests it fails, and the rollback limit.
+const GUARD_RATE: f64 = 300.0;
+const GUARD_S: u64 = 4;
+const FAULT_AT_S: u64 = 1;
+const FAULT_PERCENT: u32 = 30;
+const ROLLBACK_LIMIT_MS: f64 = 1_000.0;
+/// Shadow copies the shadow act must have compared.
+const SHADOW_MIN_COMPARED: f64 = 40.0;
 const OUTCOMES: [&str; 4] = ["served", "replayed", "hedged", "failed"];
 const REASONS: [&str; 3] = ["probe", "live_failures", "live_failure_rate"];
 
@@ -235,9 +250,25 @@ pub async fn run(root: &Path, port: u16) -> Result<String, String> {
     );
     let _ = writeln!(out, "   moved stable -> canary: {forward}; moved canary -> stable: {back} (monotone: must be 0)");
 
-    // 6. What Envoy counted.
+    // 6. A canary that goes bad, and the shadow's agreement.
+    let guard_ok = match guard_act(&mesh, root, &mut out).await {
+        Ok(ok) => ok,
+        Err(e) => {
+            let _ = writeln!(out, "   the guard act could not run: {e}");
+            false
+        }
+    };
+    let shadow_ok = match shadow_act(&mesh, root, &mut out).await {
+        Ok(ok) => ok,
+        Err(e) => {
+            let _ = writeln!(out, "   the shadow act could not run: {e}");
+            false
+        }
+    };
+
+    // 7. What Envoy counted.
     let stats = mesh.envoy.stats().await;
-    let _ = writeln!(out, "\n5. Envoy metrics (/stats/prometheus)");
+    let _ = writeln!(out, "\n7. Envoy metrics (/stats/prometheus)");
     for v in ["1", "2"] {
         let keyed = stats.sum(
             "infermesh_canary_requests_total",
@@ -269,7 +300,13 @@ pub async fn run(root: &Path, port: u16) -> Result<String, String> {
         out,
         "   infermesh_router_rejected_total{{reason=\"unknown_model\"}} {rejected}"
     );
-    let ok = on_v2 > 0 && back == 0 && sticky == sample.len() && predicted == USERS && act_ok;
+    let ok = on_v2 > 0
+        && back == 0
+        && sticky == sample.len()
+        && predicted == USERS
+        && act_ok
+        && guard_ok
+        && shadow_ok;
     let _ = writeln!(
         out,
         "\n{}",
@@ -284,6 +321,163 @@ pub async fn run(root: &Path, port: u16) -> Result<String, String> {
     } else {
         Err(out)
     }
+}
+
+/// Sets the local mesh's fault knob (Envoy runtime, admin API).
+async fn set_fault(mesh: &LocalMesh, percent: u32) -> Result<(), String> {
+    let r = Client::new(mesh.envoy.admin)
+        .try_send(Req::post(
+            format!("/runtime_modify?{FAULT_RUNTIME_KEY}={percent}"),
+            Vec::new(),
+        ))
+        .await?;
+    if r.status.is_success() {
+        Ok(())
+    } else {
+        Err(format!("runtime_modify: {} {}", r.status, r.text()))
+    }
+}
+
+/// The guard act: under load, the guarded model's canary starts failing;
+/// the guard must stop sending it requests within a second.
+async fn guard_act(mesh: &LocalMesh, root: &Path, out: &mut String) -> Result<bool, String> {
+    let _ = writeln!(
+        out,
+        "\n5. guard: {GUARDED_MODEL} 90/10 at {GUARD_RATE:.0} req/s; at {FAULT_AT_S} s its version 2 starts failing \
+         {FAULT_PERCENT}% of requests (HTTP 500 from Envoy's fault filter)"
+    );
+    let before = mesh.envoy.stats().await;
+    let mut plan = Plan::new(
+        mesh.envoy.listener,
+        GUARD_RATE,
+        Duration::from_secs(GUARD_S),
+    );
+    plan.timeout = Duration::from_secs(5);
+    let body = forest_body(root)?;
+    let path = format!("/v2/models/{GUARDED_MODEL}/infer");
+    eprintln!("infermesh: guard act: {GUARD_S} s of load, the canary fails from {FAULT_AT_S} s...");
+    let running = load::start(plan, move |_| Req::post(path.clone(), body.clone()))?;
+    running.sleep_until(Duration::from_secs(FAULT_AT_S)).await;
+    let fault_ms = running.elapsed_ms();
+    let set = set_fault(mesh, FAULT_PERCENT).await;
+    let records = running.finish().await?;
+    set_fault(mesh, 0).await?;
+    set?;
+    let after = mesh.envoy.stats().await;
+
+    let on_v2 = |r: &&Record| r.served_by.as_deref().map(version_in) == Some("2");
+    let v2_before = records
+        .iter()
+        .filter(|r| r.start_ms < fault_ms)
+        .filter(on_v2)
+        .count();
+    let last_v2 = records
+        .iter()
+        .filter(|r| r.start_ms >= fault_ms)
+        .filter(on_v2)
+        .map(|r| r.start_ms)
+        .fold(None, |m: Option<f64>, t| Some(m.map_or(t, |m| m.max(t))));
+    let rollback_ms = last_v2.map_or(0.0, |t| t - fault_ms);
+    let summary = load::summarize(&records);
+    let labels = [("model", GUARDED_MODEL), ("version", "2")];
+    let trips = after.sum(GUARD_TRIPS, &labels) - before.sum(GUARD_TRIPS, &labels);
+    let log = mesh.envoy.log();
+    let line = log
+        .lines()
+        .find(|l| {
+            l.contains(&format!(
+                "infermesh canary guard: model {GUARDED_MODEL} version 2"
+            ))
+        })
+        .map(|l| {
+            l.find("infermesh canary guard")
+                .and_then(|i| l.get(i..))
+                .unwrap_or(l)
+                .trim()
+                .to_owned()
+        });
+    let rolled_ok = v2_before > 0 && rollback_ms <= ROLLBACK_LIMIT_MS && trips >= 1.0;
+    let _ = writeln!(
+        out,
+        "   version 2 served {v2_before} requests before the fault; the last request it got came \
+         {rollback_ms:.0} ms after the fault started (limit {ROLLBACK_LIMIT_MS:.0} ms: {})",
+        mark(rolled_ok)
+    );
+    let _ = writeln!(
+        out,
+        "   {} requests, {} client-visible errors (failover replayed the canary's failures on the next cloud)",
+        summary.requests, summary.errors
+    );
+    let _ = writeln!(
+        out,
+        "   Envoy's log: {}",
+        line.as_deref().unwrap_or("(no guard line)")
+    );
+    Ok(rolled_ok && line.is_some())
+}
+
+/// A digits-forest input, from its reference cases.
+fn forest_body(root: &Path) -> Result<Vec<u8>, String> {
+    let path = root.join("examples/models/digits-forest/1/reference.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let r: Value = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let input = &r["cases"][0]["inputs"]["input"];
+    serde_json::to_vec(&json!({"inputs": [{
+        "name": "input", "datatype": input["datatype"], "shape": input["shape"], "data": input["data"],
+    }]}))
+    .map_err(|e| e.to_string())
+}
+
+/// The shadow act: the digits test images through the split; a share of
+/// the baseline's requests is copied to version 2 and the answers
+/// compared.
+async fn shadow_act(mesh: &LocalMesh, root: &Path, out: &mut String) -> Result<bool, String> {
+    let cases = digits::Cases::load(root)?;
+    let n = cases.pixels.len();
+    let _ = writeln!(
+        out,
+        "\n6. shadow: 25% of {SHADOWED_MODEL}'s baseline requests copied to version 2 and the answers \
+         compared (label, argmax of the probabilities); {n} digit images"
+    );
+    let labels = [("model", SHADOWED_MODEL), ("version", "2")];
+    let judged = |s: &mesh::Stats| (s.sum(AGREEMENTS, &labels), s.sum(DISAGREEMENTS, &labels));
+    let (a0, d0) = judged(&mesh.envoy.stats().await);
+    let reqs = cases
+        .pixels
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            Req::post(
+                format!("/v2/models/{SHADOWED_MODEL}/infer"),
+                digits::infer_body(p),
+            )
+            .header("x-user-id", format!("digit-{i}"))
+        })
+        .collect();
+    let resps = mesh.envoy.client().connections(4).send_all(reqs).await;
+    let answered = resps.iter().filter(|r| r.status.is_success()).count();
+    // The candidate answers after the client; wait for its answers.
+    let mut agreed = 0.0;
+    let mut compared = 0.0;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let (a, d) = judged(&mesh.envoy.stats().await);
+        let now = (a - a0) + (d - d0);
+        if now > 0.0 && now == compared {
+            break;
+        }
+        (agreed, compared) = (a - a0, now);
+    }
+    let ok = answered == n && compared >= SHADOW_MIN_COMPARED;
+    let _ = writeln!(
+        out,
+        "   {answered}/{n} answered; version 2 agreed with version 1 on {:.1}% of {compared} copies compared \
+         ({}; onnxruntime on all {n} images: {:.2}%)",
+        100.0 * agreed / compared.max(1.0),
+        mark(ok),
+        cases.agreement_pct()
+    );
+    Ok(ok)
 }
 
 fn pct(n: usize, total: usize) -> f64 {

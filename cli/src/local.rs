@@ -230,6 +230,15 @@ pub fn router_config() -> serde_json::Value {
     })
 }
 
+/// The model whose canary the guard watches, and the fault knob can fail.
+pub const GUARDED_MODEL: &str = "digits-forest";
+/// The model whose canary gets a shadow copy of baseline requests.
+pub const SHADOWED_MODEL: &str = "digits-mlp";
+/// Envoy runtime key of the fault knob: percent of `GUARDED_MODEL`'s
+/// version-2 requests that Envoy's fault filter fails with a 500 (0 at
+/// start; set with the admin API's `/runtime_modify`).
+pub const FAULT_RUNTIME_KEY: &str = "infermesh.local.canary_fault_percent";
+
 pub fn canary_config(percent: f64, step: Option<(u64, f64)>) -> serde_json::Value {
     let splits: Vec<_> = MODELS
         .iter()
@@ -238,6 +247,15 @@ pub fn canary_config(percent: f64, step: Option<(u64, f64)>) -> serde_json::Valu
                 "model": m,
                 "versions": [{"name": "1", "weight": 100.0 - percent}, {"name": "2", "weight": percent}],
             });
+            if *m == GUARDED_MODEL {
+                split["guard"] = json!({"window_s": 2, "min_requests": 10, "max_error_rate": 10});
+            }
+            if *m == SHADOWED_MODEL {
+                split["shadow"] = json!({
+                    "version": "2", "fraction": 0.25, "cluster": CLOUDS[2].cluster(),
+                    "compare": {"outputs": {"probabilities": "argmax"}},
+                });
+            }
             if let Some((start, p)) = step {
                 split["schedule"] = json!({
                     "start": mesh::rfc3339_utc(start),
@@ -253,6 +271,24 @@ pub fn canary_config(percent: f64, step: Option<(u64, f64)>) -> serde_json::Valu
         "override_header": "x-canary-version",
         // model-router runs first and removes client-sent x-infermesh-*.
         "trust_downstream_headers": true
+    })
+}
+
+/// Envoy's fault filter behind the module: fails [`FAULT_RUNTIME_KEY`]
+/// percent (0 until set) of the requests the module sent to version 2 of
+/// [`GUARDED_MODEL`], with a 500: a canary that goes bad, for the guard.
+fn fault_filter() -> serde_json::Value {
+    json!({
+        "name": "envoy.filters.http.fault",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault",
+            "abort": {"http_status": 500, "percentage": {"numerator": 0, "denominator": "HUNDRED"}},
+            "abort_percent_runtime": FAULT_RUNTIME_KEY,
+            "headers": [
+                {"name": filter_core::headers::MODEL, "string_match": {"exact": GUARDED_MODEL}},
+                {"name": VERSION, "string_match": {"exact": "2"}},
+            ],
+        },
     })
 }
 
@@ -338,14 +374,16 @@ impl LocalMesh {
         });
         filter_core::config::module::parse(module.to_string().as_bytes())
             .map_err(|e| format!("the local mesh's module config: {e}"))?;
-        b = routes(b).wasm(
-            WasmFilter::new(
-                "infermesh",
-                &dist.join("infermesh.wasm"),
-                module.to_string(),
+        b = routes(b)
+            .wasm(
+                WasmFilter::new(
+                    "infermesh",
+                    &dist.join("infermesh.wasm"),
+                    module.to_string(),
+                )
+                .allow_on_headers_stop_iteration(true),
             )
-            .allow_on_headers_stop_iteration(true),
-        );
+            .filter_behind(fault_filter());
         let envoy = Envoy::try_start(&b).await.map_err(|f| {
             format!(
                 "Envoy did not start: {}\n{}",

@@ -186,6 +186,7 @@ pub struct Bootstrap {
     default_cluster: Option<String>,
     istio_filters: bool,
     extra_filters: Vec<Value>,
+    behind_filters: Vec<Value>,
     wasm: Vec<WasmFilter>,
     max_request_headers: Option<u32>,
     listener_port: u16,
@@ -209,6 +210,7 @@ impl Bootstrap {
             default_cluster: None,
             istio_filters: true,
             extra_filters: Vec::new(),
+            behind_filters: Vec::new(),
             wasm: Vec::new(),
             max_request_headers: None,
             listener_port: 0,
@@ -287,6 +289,14 @@ impl Bootstrap {
         self
     }
 
+    /// An HTTP filter placed after the Wasm filters, before the router:
+    /// it sees the headers the Wasm filters set (the local mesh's fault
+    /// knob).
+    pub fn filter_behind(mut self, filter: Value) -> Bootstrap {
+        self.behind_filters.push(filter);
+        self
+    }
+
     pub fn wasm(mut self, filter: WasmFilter) -> Bootstrap {
         self.wasm.push(filter);
         self
@@ -314,6 +324,7 @@ impl Bootstrap {
         }
         filters.extend(self.extra_filters.iter().cloned());
         filters.extend(self.wasm.iter().map(WasmFilter::to_json));
+        filters.extend(self.behind_filters.iter().cloned());
         filters.push(json!({
             "name": "envoy.filters.http.router",
             "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
@@ -368,6 +379,9 @@ impl Bootstrap {
             "node": {"id": "sidecar~127.0.0.1~e2e.test~test.svc.cluster.local", "cluster": "e2e"},
             "admin": {"address": loopback0},
             "stats_config": {"stats_tags": stats_tags},
+            // As Istio's bootstrap: runtime values settable on the admin
+            // API (`/runtime_modify`).
+            "layered_runtime": {"layers": [{"name": "admin", "admin_layer": {}}]},
             "static_resources": {
                 "listeners": [{
                     "name": "outbound",

@@ -15,6 +15,7 @@
 
 pub mod bootstrap;
 pub mod client;
+pub mod digits;
 pub mod envoy;
 pub mod istio;
 pub mod load;

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use e2e::bootstrap::Route;
+use e2e::digits::{infer_body, Cases};
 use e2e::sidecar::Sidecar;
 use e2e::{require_envoy, Bootstrap, Client, Envoy, Req, Stats, WasmFilter};
 use filter_core::headers::VERSION;
@@ -21,44 +22,8 @@ use serde_json::{json, Value};
 const MODEL: &str = "digits-mlp";
 const INFER: &str = "/v2/models/digits-mlp/infer";
 
-struct Cases {
-    pixels: Vec<Vec<u8>>,
-    labels_v1: Vec<i64>,
-    disagree: usize,
-}
-
 fn cases() -> Cases {
-    let path = e2e::repo_root().join("tests/fixtures/shadow/digits-mlp.json");
-    let text = std::fs::read_to_string(&path).expect("fixture");
-    let doc: Value = serde_json::from_str(&text).expect("fixture JSON");
-    let pixels: Vec<Vec<u8>> = serde_json::from_value(doc["pixels"].clone()).expect("pixels");
-    let labels_v1: Vec<i64> = serde_json::from_value(doc["labels"]["1"].clone()).expect("labels");
-    let disagree = doc["disagree"].as_u64().expect("disagree") as usize;
-    assert_eq!(pixels.len(), labels_v1.len());
-    Cases {
-        pixels,
-        labels_v1,
-        disagree,
-    }
-}
-
-/// The model's input for an 8x8 image: nearest-neighbour 28x28, / 16, as
-/// the fixture's script (and the model's training) does.
-fn infer_body(pixels: &[u8]) -> Vec<u8> {
-    let mut data = Vec::with_capacity(784);
-    for r in 0..28 {
-        for c in 0..28 {
-            let v = pixels
-                .get((r * 8 / 28) * 8 + c * 8 / 28)
-                .copied()
-                .unwrap_or(0);
-            data.push(f32::from(v) / 16.0);
-        }
-    }
-    serde_json::to_vec(&json!({"inputs": [{
-        "name": "input", "shape": [1, 784], "datatype": "FP32", "data": data
-    }]}))
-    .expect("body")
+    Cases::load(&e2e::repo_root()).expect("fixture")
 }
 
 /// A model repository whose digits-mlp version 2 is version 1's file: an
@@ -218,7 +183,7 @@ async fn agreement_of_version_2_matches_onnxruntime_and_an_identical_candidate_r
     );
     let cases = cases();
     let n = cases.pixels.len();
-    let expected = 100.0 * (n - cases.disagree) as f64 / n as f64;
+    let expected = cases.agreement_pct();
 
     let rig = Rig::start(None, &canary(json!({}), None, None)).await;
     let answers = rig.send(&cases).await;
