@@ -27,7 +27,7 @@ use mesh::digits;
 const USERS: usize = 2_000;
 /// Seconds from start until the scheduled ramp step (the failover act
 /// runs while it is pending).
-const RAMP_AFTER_S: u64 = 30;
+const RAMP_AFTER_S: u64 = 45;
 /// The failover act: open-loop rate, length, when aws is killed and when
 /// it is started again.
 const ACT_RATE: f64 = 100.0;
@@ -209,6 +209,13 @@ pub async fn run(root: &Path, port: u16) -> Result<String, String> {
         "   {sticky}/{} users saw the same version on all of 5 more requests",
         sample.len()
     );
+    if now_s() >= ramp_at {
+        let _ = writeln!(
+            out,
+            "   (the scheduled step to 50% came during this act, {RAMP_AFTER_S} s after the start: \
+             this machine is too busy for the demo's timing; run it on a quieter one)"
+        );
+    }
 
     // 4. A cloud dies under load (while the scheduled step is pending).
     let act_ok = match failover_act(&mut mesh, &body, &mut out).await {
@@ -341,12 +348,20 @@ async fn set_fault(mesh: &LocalMesh, percent: u32) -> Result<(), String> {
 /// The guard act: under load, the guarded model's canary starts failing;
 /// the guard must stop sending it requests within a second.
 async fn guard_act(mesh: &LocalMesh, root: &Path, out: &mut String) -> Result<bool, String> {
+    let before = mesh.envoy.stats().await;
+    let weight = |v: &str| {
+        before.sum(
+            "infermesh_canary_weight_bp",
+            &[("model", GUARDED_MODEL), ("version", v)],
+        ) / 100.0
+    };
     let _ = writeln!(
         out,
-        "\n5. guard: {GUARDED_MODEL} 90/10 at {GUARD_RATE:.0} req/s; at {FAULT_AT_S} s its version 2 starts failing \
-         {FAULT_PERCENT}% of requests (HTTP 500 from Envoy's fault filter)"
+        "\n5. guard: {GUARDED_MODEL} {:.0}/{:.0} at {GUARD_RATE:.0} req/s; at {FAULT_AT_S} s its version 2 starts \
+         failing {FAULT_PERCENT}% of requests (HTTP 500 from Envoy's fault filter)",
+        weight("1"),
+        weight("2")
     );
-    let before = mesh.envoy.stats().await;
     let mut plan = Plan::new(
         mesh.envoy.listener,
         GUARD_RATE,
@@ -405,7 +420,8 @@ async fn guard_act(mesh: &LocalMesh, root: &Path, out: &mut String) -> Result<bo
     );
     let _ = writeln!(
         out,
-        "   {} requests, {} client-visible errors (failover replayed the canary's failures on the next cloud)",
+        "   {} requests, {} client-visible errors (the fault filter answers inside this Envoy, where failover \
+         cannot replay; a failing sidecar's 500s are replayed: tests/tests/guard.rs)",
         summary.requests, summary.errors
     );
     let _ = writeln!(
@@ -436,7 +452,7 @@ async fn shadow_act(mesh: &LocalMesh, root: &Path, out: &mut String) -> Result<b
     let n = cases.pixels.len();
     let _ = writeln!(
         out,
-        "\n6. shadow: 25% of {SHADOWED_MODEL}'s baseline requests copied to version 2 and the answers \
+        "\n6. shadow: half of {SHADOWED_MODEL}'s baseline requests copied to version 2 and the answers \
          compared (label, argmax of the probabilities); {n} digit images"
     );
     let labels = [("model", SHADOWED_MODEL), ("version", "2")];

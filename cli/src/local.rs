@@ -252,7 +252,7 @@ pub fn canary_config(percent: f64, step: Option<(u64, f64)>) -> serde_json::Valu
             }
             if *m == SHADOWED_MODEL {
                 split["shadow"] = json!({
-                    "version": "2", "fraction": 0.25, "cluster": CLOUDS[2].cluster(),
+                    "version": "2", "fraction": 0.5, "cluster": CLOUDS[2].cluster(),
                     "compare": {"outputs": {"probabilities": "argmax"}},
                 });
             }

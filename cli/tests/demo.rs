@@ -35,11 +35,28 @@ fn demo_passes_its_checks() {
         "weight now 50%",
         "1100/1100 answers name model/version@cloud",
         "{cloud=\"aws\",outcome=\"healthy\",reason=\"probe\"} 1",
+        "(limit 1000 ms: ok)",
+        "Envoy's log: infermesh canary guard: model digits-forest version 2 rolled back",
+        "450/450 answered; version 2 agreed with version 1 on",
         "demo: all checks passed",
     ] {
         assert!(stdout.contains(line), "missing {line:?} in:\n{stdout}");
     }
     failover_act_holds(&stdout);
+    guard_and_shadow_hold(&stdout);
+}
+
+/// Checks the guard and shadow acts from their printed numbers.
+fn guard_and_shadow_hold(out: &str) {
+    let rolled = line(out, "the last request it got came");
+    let ms = number_after(rolled, "the last request it got came");
+    assert!(ms <= 1_000.0, "{rolled}");
+    let shadow = line(out, "agreed with version 1 on");
+    let pct = number_after(shadow, "agreed with version 1 on");
+    let compared = number_after(shadow, "% of");
+    assert!(compared >= 40.0, "{shadow}");
+    // A sample of the 450 images, whose full-set agreement is 97.56%.
+    assert!((85.0..=100.0).contains(&pct), "{shadow}");
 }
 
 /// The first line of `out` holding `needle`, without its indentation.
