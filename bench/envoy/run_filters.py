@@ -174,6 +174,12 @@ ALL_VARIANTS = {
     "hash+metric": Variant(wasm1("hash-route.wasm", "metric"), "header", "get", "native", "hash + increment_metric"),
     "hash+servedby": Variant(wasm1("hash-route.wasm", "served-by"), "header", "get", "native",
                              "hash + format/set response header"),
+    "hash+remove1": Variant(wasm1("hash-route.wasm", "remove=x-infermesh-model"), "header", "get", "native",
+                            "hash + remove one absent request header blindly"),
+    "hash+remove3": Variant(wasm1("hash-route.wasm", "remove=x-infermesh-model remove=x-infermesh-cloud "
+                                                     "remove=x-infermesh-debug"), "header", "get", "native",
+                            "hash + remove three absent request headers blindly"),
+    "hash+clock": Variant(wasm1("hash-route.wasm", "clock"), "header", "get", "native", "hash + one clock read"),
     "hash+all": Variant(wasm1("hash-route.wasm", "path strip metric served-by"), "header", "get", "native",
                         "hash + all four"),
     # Canary config switches (same module).
