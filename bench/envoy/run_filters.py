@@ -174,6 +174,12 @@ ALL_VARIANTS = {
     "hash+metric": Variant(wasm1("hash-route.wasm", "metric"), "header", "get", "native", "hash + increment_metric"),
     "hash+servedby": Variant(wasm1("hash-route.wasm", "served-by"), "header", "get", "native",
                              "hash + format/set response header"),
+    "hash+remove1": Variant(wasm1("hash-route.wasm", "remove=x-infermesh-model"), "header", "get", "native",
+                            "hash + remove one absent request header blindly"),
+    "hash+remove3": Variant(wasm1("hash-route.wasm", "remove=x-infermesh-model remove=x-infermesh-cloud "
+                                                     "remove=x-infermesh-debug"), "header", "get", "native",
+                            "hash + remove three absent request headers blindly"),
+    "hash+clock": Variant(wasm1("hash-route.wasm", "clock"), "header", "get", "native", "hash + one clock read"),
     "hash+all": Variant(wasm1("hash-route.wasm", "path strip metric served-by"), "header", "get", "native",
                         "hash + all four"),
     # Canary config switches (same module).
@@ -223,6 +229,14 @@ ALL_VARIANTS = {
     "module-chain": Variant([MODULE({"router": ROUTER_CFG, "canary": CANARY_CFG, "failover": FAILOVER_CFG})],
                             "cloud+version", "get", "native",
                             "infermesh.wasm, router + canary + failover, unpinned GET"),
+    # The chain with the canary guard: the guard and failover both want
+    # the clock and the response's :status.
+    "module-chain-guard": Variant([MODULE({"router": ROUTER_CFG, "canary": {**CANARY_CFG, "splits": [
+        {**CANARY_CFG["splits"][0], "guard": {"window_s": 10, "max_error_rate": 5,
+                                              "max_error_rate_over_baseline": 2,
+                                              "max_p99_ms_over_baseline": 100}}]},
+        "failover": FAILOVER_CFG})],
+        "cloud+version", "get", "native", "infermesh.wasm, router + canary with a guard + failover"),
     "module-failover": Variant([MODULE({"failover": FAILOVER_CFG})], "cloud", "get", "native",
                                "infermesh.wasm, failover section only"),
     "module-chain-post": Variant([MODULE({"router": ROUTER_CFG, "canary": CANARY_CFG, "failover": FAILOVER_CFG})],
@@ -608,7 +622,8 @@ def check_window(variant, w, requests, non_2xx):
 # whether its requests name a version (pinned) or leave it to the canary.
 ROUTER_EXPECT = {"router": ("path", True), "router-body": ("body", True), "router-post": ("path", True),
                  "router+canary": ("path", False), "module-router+canary": ("path", False),
-                 "module-chain": ("path", False), "module-chain-post": ("path", True)}
+                 "module-chain": ("path", False), "module-chain-guard": ("path", False),
+                 "module-chain-post": ("path", True)}
 
 
 def router_stats_problems(variant, stats):

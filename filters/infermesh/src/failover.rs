@@ -104,6 +104,18 @@ struct Round {
     failed: bool,
 }
 
+impl Shared {
+    /// `@cloud` of a cloud index.
+    pub fn served_at(&self, cloud: usize) -> Option<&str> {
+        self.served_by.get(cloud).map(String::as_str)
+    }
+
+    /// How many clouds the stage routes to.
+    pub fn clouds(&self) -> usize {
+        self.cfg.clouds.len()
+    }
+}
+
 /// One request in flight: the core's flight and what only the host has.
 struct InFlight {
     context_id: u32,
@@ -873,25 +885,21 @@ impl Stage {
 
     /// The routed try's response headers. `Pause` holds a failure while a
     /// replay runs. On a response that passes through, returns the cloud
-    /// that served it in `served_at`.
+    /// that served it in `served_at`. `now` and `status` (the response's
+    /// `:status`) are read only for a request in flight.
     pub fn on_response_headers(
         &mut self,
         ctx: &dyn HttpContext,
-        now: u64,
+        now: impl FnOnce() -> u64,
+        status: impl FnOnce() -> Option<u16>,
         served_at: &mut Option<usize>,
     ) -> Action {
         let Some(f) = self.flight.clone() else {
             return Action::Continue;
         };
         let shared = self.shared.clone();
-        let status = ctx
-            .get_http_response_header_bytes(":status")
-            .and_then(|v| {
-                std::str::from_utf8(&v)
-                    .ok()
-                    .and_then(|s| s.parse::<u16>().ok())
-            })
-            .unwrap_or(0);
+        let now = now();
+        let status = status().unwrap_or(0);
         let details = || {
             hostcalls::get_property(vec!["response", "code_details"])
                 .ok()
@@ -921,6 +929,6 @@ impl Stage {
 
     /// `@cloud` of a cloud index.
     pub fn served_at(&self, cloud: usize) -> Option<&str> {
-        self.shared.served_by.get(cloud).map(String::as_str)
+        self.shared.served_at(cloud)
     }
 }

@@ -72,6 +72,8 @@ struct Stages {
     failover: Option<Rc<failover::Shared>>,
     strip: bool,
     served_by: bool,
+    /// `model/version@cloud` values, when failover composes them.
+    served_at: ServedAt,
     /// Streams whose router stage waits for the body.
     waits: BodyWaits,
 }
@@ -98,6 +100,10 @@ impl Stages {
             .map(|c| failover::configure(root_id, c, served_by))
             .transpose()
             .map_err(|e| defined("failover", e))?;
+        let served_at = match &failover {
+            Some(f) if served_by => ServedAt::build(router.as_ref(), canary.as_ref(), f),
+            _ => ServedAt::default(),
+        };
         info!(
             "infermesh: configured {stages}; client x-infermesh-* headers {}",
             if strip { "removed" } else { "trusted" }
@@ -109,6 +115,7 @@ impl Stages {
             failover,
             strip,
             served_by,
+            served_at,
             waits: BodyWaits::default(),
         })
     }
@@ -126,6 +133,73 @@ impl Stages {
         } else if let Some(f) = &self.failover {
             f.stripped(n);
         }
+    }
+}
+
+/// `[row][version][cloud]`: each `prefix(row, version)` with every cloud's
+/// `@cloud` appended.
+fn table<'a>(
+    rows: usize,
+    versions: impl Fn(usize) -> usize,
+    prefix: impl Fn(usize, usize) -> Option<&'a str>,
+    with_clouds: &impl Fn(&str) -> Vec<String>,
+) -> Vec<Vec<Vec<String>>> {
+    (0..rows)
+        .map(|a| {
+            (0..versions(a))
+                .map(|b| prefix(a, b).map_or_else(Vec::new, with_clouds))
+                .collect()
+        })
+        .collect()
+}
+
+/// Every `x-infermesh-served-by` value a response of a failover module
+/// can carry, `[decision][version][cloud]`, built at configure time so a
+/// response writes one and formats none.
+#[derive(Default)]
+struct ServedAt {
+    router: Vec<Vec<Vec<String>>>,
+    canary: Vec<Vec<Vec<String>>>,
+}
+
+impl ServedAt {
+    fn build(
+        router: Option<&router::Router>,
+        canary: Option<&canary::Canary>,
+        failover: &failover::Shared,
+    ) -> ServedAt {
+        let with_clouds = |prefix: &str| -> Vec<String> {
+            (0..failover.clouds())
+                .map(|c| format!("{prefix}{}", failover.served_at(c).unwrap_or("@?")))
+                .collect()
+        };
+        let router = router.map_or_else(Vec::new, |r| {
+            let versions = |m: usize| r.cfg.models.get(m).map_or(0, |m| m.versions.len());
+            table(
+                r.cfg.models.len(),
+                versions,
+                |m, v| r.served_by(m, v),
+                &with_clouds,
+            )
+        });
+        let canary = canary.map_or_else(Vec::new, |c| {
+            let versions = |s: usize| c.cfg.splits.get(s).map_or(0, |s| s.versions.len());
+            table(
+                c.cfg.splits.len(),
+                versions,
+                |s, v| c.served_by(s, v),
+                &with_clouds,
+            )
+        });
+        ServedAt { router, canary }
+    }
+
+    fn get(&self, served: Served, cloud: usize) -> Option<&str> {
+        let (table, a, b) = match served {
+            Served::Router(m, v) => (&self.router, m, v),
+            Served::Canary(s, v) => (&self.canary, s, v),
+        };
+        table.get(a)?.get(b)?.get(cloud).map(String::as_str)
     }
 }
 
@@ -537,19 +611,18 @@ impl HttpContext for Stream {
         let Some((stages, mut inner)) = self.active() else {
             return Action::Continue;
         };
-        let watched = inner.watch.is_some() || inner.capture.is_some();
-        // The routed try's own status, before failover may replace it.
-        let status: Option<u32> = watched
-            .then(|| Host.get_http_response_header(":status"))
-            .flatten()
-            .and_then(|s| s.parse().ok());
+        // Read at most once in this callback, and only if a stage asks.
+        let clock = Memo::new(|| now_ms(&Host));
+        let status = Memo::new(response_status);
         if let (Some(w), Some(c)) = (inner.watch.take(), &stages.canary) {
-            c.observe(w, status, now_ms(&Host));
+            // The routed try's own status, before failover may replace it.
+            c.observe(w, status.get().map(u32::from), clock.get());
         }
         let mut from_failover = false;
         if let Some(f) = inner.failover.as_mut() {
             let mut served_at = None;
-            let action = f.on_response_headers(&Host, now_ms(&Host), &mut served_at);
+            let action =
+                f.on_response_headers(&Host, || clock.get(), || status.get(), &mut served_at);
             if action == Action::Pause {
                 return action;
             }
@@ -560,22 +633,18 @@ impl HttpContext for Stream {
             }
         }
         if let (Some(cap), Some(c)) = (inner.capture.take(), &stages.canary) {
-            inner.capture = c.capture_headers(cap, status.unwrap_or(0), end_of_stream);
+            let code = status.get().map_or(0, u32::from);
+            inner.capture = c.capture_headers(cap, code, end_of_stream);
         }
         if stages.served_by && !from_failover {
-            let prefix = inner.served_prefix(&stages);
-            let at = match (inner.served_at, &inner.failover) {
-                (Some(cloud), Some(f)) => f.served_at(cloud),
-                _ => None,
-            };
-            let value = match (prefix, at) {
-                (Some(p), Some(a)) => Some(format!("{p}{a}")),
-                (Some(p), None) => Some(p.to_owned()),
-                (None, Some(a)) => Some(a.to_owned()),
-                (None, None) => None,
+            // Every value was built at configure time.
+            let value = match (inner.served, inner.served_at, &inner.failover) {
+                (Some(served), Some(cloud), Some(_)) => stages.served_at.get(served, cloud),
+                (None, Some(cloud), Some(f)) => f.served_at(cloud),
+                _ => inner.served_prefix(&stages),
             };
             if let Some(v) = value {
-                Host.set_http_response_header(headers::SERVED_BY, Some(&v));
+                Host.set_http_response_header(headers::SERVED_BY, Some(v));
             }
         }
         Action::Continue
@@ -620,6 +689,36 @@ impl HttpContext for Stream {
             c.capture_lost(cap);
         }
     }
+}
+
+/// A host fact read at most once per callback, on first use.
+struct Memo<T: Copy, F: Fn() -> T> {
+    value: Cell<Option<T>>,
+    read: F,
+}
+
+impl<T: Copy, F: Fn() -> T> Memo<T, F> {
+    fn new(read: F) -> Self {
+        Memo {
+            value: Cell::new(None),
+            read,
+        }
+    }
+
+    fn get(&self) -> T {
+        if let Some(v) = self.value.get() {
+            return v;
+        }
+        let v = (self.read)();
+        self.value.set(Some(v));
+        v
+    }
+}
+
+/// The response's `:status` (one host call).
+fn response_status() -> Option<u16> {
+    Host.get_http_response_header_bytes(":status")
+        .and_then(|v| std::str::from_utf8(&v).ok()?.parse().ok())
 }
 
 /// The local reply of a stream that reached no configured stage.
@@ -677,10 +776,12 @@ impl Inner {
         mut hdrs: RequestHeaders,
         end_of_stream: bool,
     ) -> Action {
+        // One clock read for every stage of this callback, if any needs it.
+        let clock = Memo::new(|| now_ms(&Host));
         if let Some(canary) = &stages.canary {
-            if let Some((s, v)) = canary.decide(&Host, &mut hdrs, || now_ms(&Host)) {
+            if let Some((s, v)) = canary.decide(&Host, &mut hdrs, || clock.get()) {
                 self.served = Some(Served::Canary(s, v));
-                self.watch = canary.watch(s, v, || now_ms(&Host));
+                self.watch = canary.watch(s, v, || clock.get());
                 self.copy = canary.take_copy();
                 self.capture = self.copy.as_ref().and_then(|c| canary.capture(c));
                 if end_of_stream {
@@ -694,7 +795,7 @@ impl Inner {
         let prefix = self.served_prefix(stages).map(str::to_owned);
         let action = match self.failover.as_mut() {
             Some(f) => {
-                f.on_request_headers(&Host, hdrs, end_of_stream, prefix.as_deref(), now_ms(&Host))
+                f.on_request_headers(&Host, hdrs, end_of_stream, prefix.as_deref(), clock.get())
             }
             None => Action::Continue,
         };

@@ -13,6 +13,8 @@
 //! | `strip` | off | fetch the whole header map and remove `x-infermesh-*` |
 //! | `metric` | off | bump a counter per routed request |
 //! | `served-by` | off | set `x-infermesh-served-by: digits-mlp/<v>` on the response |
+//! | `remove=NAME` | none | remove request header NAME without reading it (repeatable) |
+//! | `clock` | off | read the host clock once |
 //!
 //! The optional steps each add one thing the canary filter does, so that
 //! their cost can be measured one at a time.
@@ -49,6 +51,9 @@ pub struct Options {
     pub strip: bool,
     pub metric: bool,
     pub served_by: bool,
+    /// Request headers removed blindly, in order.
+    pub remove: Vec<String>,
+    pub clock: bool,
 }
 
 impl Default for Options {
@@ -60,6 +65,8 @@ impl Default for Options {
             strip: false,
             metric: false,
             served_by: false,
+            remove: Vec::new(),
+            clock: false,
         }
     }
 }
@@ -76,6 +83,12 @@ impl Options {
                     }
                     opts.header = name.to_ascii_lowercase();
                 }
+                Some(("remove", name)) => {
+                    if name.is_empty() || !name.bytes().all(is_header_byte) {
+                        return Err(format!("remove: invalid header name {name:?}"));
+                    }
+                    opts.remove.push(name.to_ascii_lowercase());
+                }
                 Some(("canary_bp", n)) => {
                     opts.canary_bp =
                         n.parse::<u64>()
@@ -89,6 +102,7 @@ impl Options {
                 None if token == "strip" => opts.strip = true,
                 None if token == "metric" => opts.metric = true,
                 None if token == "served-by" => opts.served_by = true,
+                None if token == "clock" => opts.clock = true,
                 _ => return Err(format!("unknown option {token:?}")),
             }
         }
@@ -210,6 +224,13 @@ impl HttpContext for HashStream {
                 self.set_http_request_header(name, None);
             }
         }
+        for name in &opts.remove {
+            // Blind: the cost of a remove whether or not the client sent it.
+            self.set_http_request_header(name, None);
+        }
+        if opts.clock {
+            let _now = self.get_current_time();
+        }
         let Some(key) = self.get_http_request_header_bytes(&opts.header) else {
             return Action::Continue;
         };
@@ -246,13 +267,20 @@ mod tests {
 
     #[test]
     fn options_parse_and_reject() {
-        let o = Options::parse("header=X-Key canary_bp=2500 path strip metric served-by")
-            .unwrap_or_default();
+        let o = Options::parse(
+            "header=X-Key canary_bp=2500 path strip metric served-by remove=X-A remove=b clock",
+        )
+        .unwrap_or_default();
+        assert_eq!(o.remove, vec!["x-a".to_owned(), "b".to_owned()]);
+        assert!(o.clock);
         assert_eq!(o.header, "x-key");
         assert_eq!(o.canary_bp, 2_500);
         assert!(o.read_path && o.strip && o.metric && o.served_by);
         for bad in [
             "header=",
+            "remove=",
+            "remove=a:b",
+            "clock=1",
             "header=a:b",
             "canary_bp=10001",
             "canary_bp=-1",
