@@ -1301,7 +1301,7 @@ mod tests {
             let mut bytes = s.to_le_bytes();
             for (k, b) in bytes.iter_mut().enumerate() {
                 let r = (s >> (k * 5)) as usize;
-                *b = if (case as usize + r) % 3 == 0 {
+                *b = if (case as usize + r).is_multiple_of(3) {
                     others[r % others.len()]
                 } else {
                     b'0' + (*b % 10)

@@ -95,17 +95,17 @@ impl From<JsonError> for BadRequest {
 /// body unless they had escapes).
 fn first_time<'a>(
     seen: &mut Vec<Cow<'a, str>>,
-    key: &Cow<'a, str>,
+    key: Cow<'a, str>,
     at: impl FnOnce() -> String,
 ) -> Result<(), BadRequest> {
-    if seen.iter().any(|k| k == key) {
+    if seen.contains(&key) {
         return Err(bad(format!(
             "{}invalid inference request JSON: duplicate field {:?}",
             at(),
-            truncate(key)
+            truncate(&key)
         )));
     }
-    seen.push(key.clone());
+    seen.push(key);
     Ok(())
 }
 
@@ -124,7 +124,7 @@ fn read_request<'a>(
     let mut req = RawRequest::default();
     let mut seen = Vec::new();
     r.object(|r, key| -> Result<(), BadRequest> {
-        first_time(&mut seen, &key, String::new)?;
+        first_time(&mut seen, key.clone(), String::new)?;
         let field = |e| field_error("", &key, e);
         match &*key {
             "id" => req.id = r.value().map_err(field)?,
@@ -168,7 +168,7 @@ fn read_input<'a>(r: &mut Reader<'a>, sig: &Signature) -> Result<RawInput<'a>, B
         }
     }
     r.object(|r, key| -> Result<(), BadRequest> {
-        first_time(&mut seen, &key, || at(&input.name))?;
+        first_time(&mut seen, key.clone(), || at(&input.name))?;
         let field = |e| field_error(&at(&input.name), &key, e);
         match &*key {
             // No name yet: a second one is refused above.
