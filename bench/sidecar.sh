@@ -101,9 +101,16 @@ case ",${MODELS:-forest}," in
 esac
 
 # The release sidecar and the in-process engine loop (an example of the
-# sidecar crate, so it uses the sidecar's own Engine).
+# sidecar crate, so it uses the sidecar's own Engine; built only when
+# tract-inproc is measured: with the examples' dev-dependencies cargo
+# builds the crate and its dependencies a second time).
 cargo build --release -p sidecar --bin infermesh-sidecar
-cargo build --release -p sidecar --example engine_bench
+engine_bench=""
+case ",${VARIANTS:-tract-inproc}," in
+  *,tract-inproc,*)
+    cargo build --release -p sidecar --example engine_bench
+    engine_bench=target/release/examples/engine_bench ;;
+esac
 
 echo "sidecar.sh: load before the run: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 top -bn1 | sed -n '7,12p' >&2 || true
@@ -113,7 +120,7 @@ mkdir -p "$out"
 .tools/venv/bin/python bench/sidecar/run.py \
   --out "$out" \
   --sidecar-bin target/release/infermesh-sidecar \
-  --engine-bench target/release/examples/engine_bench \
+  --engine-bench "$engine_bench" \
   --python .tools/venv/bin/python \
   --mlserver "$mlserver" \
   --rounds "${ROUNDS:-3}" --duration "${DURATION:-5}" --warmup "${WARMUP:-1}" \

@@ -417,7 +417,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
     p.add_argument("--sidecar-bin", required=True)
-    p.add_argument("--engine-bench", required=True)
+    p.add_argument("--engine-bench", default="", help="needed for tract-inproc")
     p.add_argument("--python", required=True)
     p.add_argument("--mlserver", default="")
     p.add_argument("--duration", type=float, default=5)
