@@ -10,6 +10,10 @@
 #   kserve   the KServe Python SDK, in its own venv .tools/venv-kserve
 #            (its protobuf pin conflicts with the models group)
 #   bench    FastAPI + uvicorn + onnxruntime baselines for bench/
+#   perf     Triton's perf_analyzer (tritonclient 2.50.0 wheel, own venv
+#            .tools/venv-perf; Debian's libb64-0d), linked as
+#            .tools/bin/perf_analyzer: the second load generator of
+#            bench/sidecar.sh
 #   wasm     the rustup wasm32-wasip1 target, and wasm-opt (Debian's
 #            binaryen) so modules ship optimised as CI builds them
 #   inject   jsonpatch and pytest: the injector's webhook tests
@@ -92,6 +96,19 @@ for g in "${groups[@]}"; do
       echo "rust target: x86_64-unknown-linux-musl; $(runc --version | head -1); umoci $(umoci --version | awk '{print $3}')"
       ;;
     kserve) install_group kserve "$tools/venv-kserve" ;;
+    perf)
+      if ! ldconfig -p | grep -q 'libb64\.so\.0d'; then
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libb64-0d) >&2 \
+          || { echo "tools.sh: cannot install libb64-0d (apt, as root)" >&2; exit 1; }
+      fi
+      install_group perf "$tools/venv-perf"
+      # A launcher: the binary finds libcudart.so.12 in the CUDA runtime wheel.
+      cudart="$("$tools/venv-perf/bin/python" -c 'import nvidia.cuda_runtime as c; print(list(c.__path__)[0] + "/lib")')"
+      printf '#!/bin/sh\nLD_LIBRARY_PATH="%s${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" exec "%s" "$@"\n' \
+        "$cudart" "$tools/venv-perf/bin/perf_analyzer" >"$tools/bin/perf_analyzer"
+      chmod +x "$tools/bin/perf_analyzer"
+      echo "perf_analyzer: tritonclient $("$tools/venv-perf/bin/python" -c 'import importlib.metadata as m; print(m.version("tritonclient"))')"
+      ;;
     objectstores)
       install_group objectstores
       ln -sf "$venv/bin/moto_server" "$tools/bin/moto_server"

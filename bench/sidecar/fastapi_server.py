@@ -1,7 +1,12 @@
 """A minimal OIP v2 (KServe v2 REST) server in FastAPI + onnxruntime: what a
-team typically writes around an ONNX file. JSON tensors only.
+team typically writes around an ONNX file, tuned: the request body is
+validated by pydantic-core straight from bytes, and tensors may come and go
+as JSON or in Triton's binary tensor extension (an
+`Inference-Header-Content-Length` header; raw little-endian data after the
+JSON header), which tritonclient and perf_analyzer speak.
 
-  GET  /v2/health/live, /v2/health/ready, /v2/models/{m}, /v2/models/{m}/ready
+  GET  /v2, /v2/health/live, /v2/health/ready, /v2/models/{m}, /v2/models/{m}/ready
+  GET  /v2/models/{m}/config  (the Triton model configuration perf_analyzer reads)
   POST /v2/models/{m}/infer   (and /v2/models/{m}/versions/{v}/infer)
 
 The newest version directory of every model under the repository is
@@ -10,14 +15,15 @@ loaded. Run with one uvicorn worker (one process, like the sidecar):
   python fastapi_server.py --model-repository DIR --port 8000
 """
 import argparse
+import json
 import os
 from typing import Any, Optional
 
 import numpy as np
 import onnxruntime as ort
 import uvicorn
-from fastapi import FastAPI, HTTPException
-from pydantic import BaseModel
+from fastapi import FastAPI, HTTPException, Request, Response
+from pydantic import BaseModel, ValidationError
 
 DTYPES = {
     "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32,
@@ -36,7 +42,8 @@ class RequestInput(BaseModel):
     shape: list[int]
     datatype: str
     parameters: Optional[dict[str, Any]] = None
-    data: list[Any]
+    # Absent when the tensor is binary (parameters.binary_data_size).
+    data: Optional[list[Any]] = None
 
 
 class RequestOutput(BaseModel):
@@ -51,7 +58,8 @@ class InferenceRequest(BaseModel):
     outputs: Optional[list[RequestOutput]] = None
 
 
-def load_models(repo: str, threads: int) -> dict[str, tuple[str, ort.InferenceSession]]:
+def load_models(repo: str, threads: int) -> dict[str, tuple[str, ort.InferenceSession, int]]:
+    """name -> (newest version, session, max_batch_size from config.json)."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
@@ -63,17 +71,28 @@ def load_models(repo: str, threads: int) -> dict[str, tuple[str, ort.InferenceSe
             continue
         version = max(versions, key=int)
         onnx = os.path.join(path, version, "model.onnx")
-        models[name] = (version, ort.InferenceSession(onnx, opts, providers=["CPUExecutionProvider"]))
+        try:
+            with open(os.path.join(path, "config.json")) as f:
+                max_batch = int(json.load(f).get("max_batch_size", 0))
+        except FileNotFoundError:
+            max_batch = 0
+        models[name] = (version, ort.InferenceSession(onnx, opts, providers=["CPUExecutionProvider"]),
+                        max_batch)
     return models
 
 
-def make_app(models: dict[str, tuple[str, ort.InferenceSession]]) -> FastAPI:
+def make_app(models: dict[str, tuple[str, ort.InferenceSession, int]]) -> FastAPI:
     app = FastAPI()
 
     def get(model: str, version: Optional[str] = None) -> tuple[str, ort.InferenceSession]:
         if model not in models or (version is not None and version != models[model][0]):
             raise HTTPException(status_code=404, detail=f"model {model} not found")
-        return models[model]
+        return models[model][:2]
+
+    @app.get("/v2")
+    async def server_metadata():
+        return {"name": "fastapi-onnxruntime", "version": ort.__version__,
+                "extensions": ["binary_tensor_data"]}
 
     @app.get("/v2/health/live")
     async def live():
@@ -101,44 +120,108 @@ def make_app(models: dict[str, tuple[str, ort.InferenceSession]]) -> FastAPI:
         version, _ = get(model)
         return {"name": model, "version": version, "ready": True}
 
-    def run(model: str, version: Optional[str], req: InferenceRequest) -> dict:
-        version, sess = get(model, version)
-        feeds = {}
+    @app.get("/v2/models/{model}/config")
+    async def model_config(model: str):
+        # What perf_analyzer reads; dims leave out the batch dimension
+        # when the model batches (its -b sets it).
+        _, sess = get(model)
+        max_batch = models[model][2]
+
+        def dims(shape):
+            return [d if isinstance(d, int) else -1 for d in shape][1 if max_batch > 0 else 0:]
+        return {
+            "name": model, "platform": "onnxruntime_onnx", "max_batch_size": max_batch,
+            "input": [{"name": i.name, "data_type": "TYPE_" + ORT_TO_OIP.get(i.type, i.type),
+                       "dims": dims(i.shape)} for i in sess.get_inputs()],
+            "output": [{"name": o.name, "data_type": "TYPE_" + ORT_TO_OIP.get(o.type, o.type),
+                        "dims": dims(o.shape)} for o in sess.get_outputs()],
+        }
+
+    def parse(body: bytes, header_len: Optional[str]) -> tuple[InferenceRequest, dict]:
+        """The request and its input arrays, from JSON or binary tensors."""
+        if header_len is None:
+            head, blob = body, b""
+        else:
+            try:
+                n = int(header_len)
+            except ValueError:
+                n = -1
+            if not 0 <= n <= len(body):
+                raise HTTPException(status_code=400,
+                                    detail=f"Inference-Header-Content-Length {header_len!r} "
+                                           f"does not fit the {len(body)}-byte body")
+            head, blob = body[:n], body[n:]
+        try:
+            req = InferenceRequest.model_validate_json(head)
+        except ValidationError as e:
+            raise HTTPException(status_code=422, detail=e.errors(include_url=False))
+        feeds, offset = {}, 0
         for inp in req.inputs:
             dtype = DTYPES.get(inp.datatype)
             if dtype is None:
                 raise HTTPException(status_code=400, detail=f"unsupported datatype {inp.datatype}")
+            size = (inp.parameters or {}).get("binary_data_size")
             try:
-                feeds[inp.name] = np.asarray(inp.data, dtype=dtype).reshape(inp.shape)
+                if size is not None:
+                    if not isinstance(size, int) or size < 0 or offset + size > len(blob):
+                        raise ValueError(f"binary_data_size {size!r} overruns the body")
+                    arr = np.frombuffer(blob, dtype=dtype, count=size // np.dtype(dtype).itemsize,
+                                        offset=offset)
+                    offset += size
+                elif inp.data is not None:
+                    arr = np.asarray(inp.data, dtype=dtype)
+                else:
+                    raise ValueError("no data and no binary_data_size")
+                feeds[inp.name] = arr.reshape(inp.shape)
             except ValueError as e:
                 raise HTTPException(status_code=400, detail=f"input {inp.name}: {e}")
+        if offset != len(blob):
+            raise HTTPException(status_code=400,
+                                detail=f"{len(blob) - offset} bytes of binary data left over")
+        return req, feeds
+
+    async def run(model: str, version: Optional[str], request: Request):
+        version, sess = get(model, version)
+        req, feeds = parse(await request.body(),
+                           request.headers.get("inference-header-content-length"))
         names = [o.name for o in req.outputs] if req.outputs else [o.name for o in sess.get_outputs()]
+        binary_all = bool((req.parameters or {}).get("binary_data_output", False))
+        binary = {o.name: bool((o.parameters or {}).get("binary_data", binary_all))
+                  for o in req.outputs or []}
         try:
             results = sess.run(names, feeds)
         except Exception as e:  # onnxruntime raises its own exception types
             raise HTTPException(status_code=400, detail=str(e))
-        outputs = []
+        outputs, blobs = [], []
         for name, arr in zip(names, results):
-            outputs.append({
-                "name": name,
-                "datatype": ORT_TO_OIP.get(f"tensor({_ort_name(arr.dtype)})", "BYTES"),
-                "shape": list(arr.shape),
-                "data": arr.flatten().tolist(),
-            })
+            out = {"name": name,
+                   "datatype": ORT_TO_OIP.get(f"tensor({_ort_name(arr.dtype)})", "BYTES"),
+                   "shape": list(arr.shape)}
+            if binary.get(name, binary_all):
+                raw = np.ascontiguousarray(arr).tobytes()
+                out["parameters"] = {"binary_data_size": len(raw)}
+                blobs.append(raw)
+            else:
+                out["data"] = arr.flatten().tolist()
+            outputs.append(out)
         resp = {"model_name": model, "model_version": version, "outputs": outputs}
         if req.id is not None:
             resp["id"] = req.id
-        return resp
+        if not blobs:
+            return resp
+        head = json.dumps(resp, separators=(",", ":")).encode()
+        return Response(content=b"".join([head, *blobs]), media_type="application/octet-stream",
+                        headers={"Inference-Header-Content-Length": str(len(head))})
 
     # async: the model is small, so it runs on the event loop (no thread
     # pool hop), which is the faster choice for this baseline.
     @app.post("/v2/models/{model}/infer")
-    async def infer(model: str, req: InferenceRequest):
-        return run(model, None, req)
+    async def infer(model: str, request: Request):
+        return await run(model, None, request)
 
     @app.post("/v2/models/{model}/versions/{version}/infer")
-    async def infer_version(model: str, version: str, req: InferenceRequest):
-        return run(model, version, req)
+    async def infer_version(model: str, version: str, request: Request):
+        return await run(model, version, request)
 
     return app
 

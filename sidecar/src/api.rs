@@ -301,6 +301,10 @@ async fn route(
                     expect(&req, Method::GET, "GET")?;
                     model_ready(state, m, version)
                 }
+                Some("config") => {
+                    expect(&req, Method::GET, "GET")?;
+                    model_config(state, m, version)
+                }
                 Some("infer") => {
                     expect(&req, Method::POST, "POST")?;
                     infer(state, m, version, req).await
@@ -406,6 +410,43 @@ fn model_metadata(
         "platform": "onnx",
         "inputs": tensors(&loaded.signature.inputs),
         "outputs": tensors(&loaded.signature.outputs),
+    }))
+}
+
+/// The model's configuration in Triton's shape (what Triton clients such
+/// as perf_analyzer read before they send load): `max_batch_size`, and
+/// per tensor `data_type` (`TYPE_FP32`, ..., `TYPE_STRING` for BYTES) and
+/// `dims`, without the batch dimension when the model batches.
+fn model_config(
+    state: &AppState,
+    m: &str,
+    v: Option<&str>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    let loaded = state.registry.get(m, v).ok_or_else(|| not_loaded(m, v))?;
+    let batched = loaded.signature.max_batch_size > 0;
+    let tensors = |specs: &[model_repo::TensorSpec]| -> Vec<serde_json::Value> {
+        specs
+            .iter()
+            .map(|s| {
+                let data_type = match s.datatype.as_str() {
+                    "BYTES" => "TYPE_STRING".to_string(),
+                    other => format!("TYPE_{other}"),
+                };
+                let dims = if batched {
+                    s.shape.get(1..).unwrap_or_default()
+                } else {
+                    &s.shape[..]
+                };
+                json!({ "name": s.name, "data_type": data_type, "dims": dims })
+            })
+            .collect()
+    };
+    ok_json(json!({
+        "name": m,
+        "platform": "onnx",
+        "max_batch_size": loaded.signature.max_batch_size,
+        "input": tensors(&loaded.signature.inputs),
+        "output": tensors(&loaded.signature.outputs),
     }))
 }
 

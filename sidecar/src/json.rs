@@ -447,26 +447,44 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Whether the 8 bytes of `v` (little-endian) are all ASCII digits.
+/// How many of the 8 bytes of `v` (little-endian), from the first, are
+/// ASCII digits. A byte's high bit in `flags` is set when the byte is below
+/// `0` (the subtraction) or above `9` (the addition); carries and borrows
+/// only start at such bytes and only move up, so the lowest flag is exact.
 #[inline]
-fn eight_digits(v: u64) -> bool {
-    let high = 0xF0F0_F0F0_F0F0_F0F0;
-    ((v & high) | ((v.wrapping_add(0x0606_0606_0606_0606) & high) >> 4)) == 0x3333_3333_3333_3333
+fn leading_digits(v: u64) -> usize {
+    let flags = v.wrapping_sub(0x3030_3030_3030_3030) | v.wrapping_add(0x4646_4646_4646_4646);
+    ((flags & 0x8080_8080_8080_8080).trailing_zeros() / 8) as usize
 }
 
-/// The value of 8 ASCII digits (little-endian in `v`): three
-/// multiplications instead of eight.
+/// The value of the first `n` (1..=8) ASCII digits of `v` (little-endian):
+/// the digits move to the top bytes (zeros below are leading zeros), then
+/// three multiplications combine them.
 #[inline]
-fn eight_digit_value(v: u64) -> u64 {
+fn digits_value(v: u64, n: usize) -> u64 {
     let mask = 0x0000_00FF_0000_00FF;
-    let v = v.wrapping_sub(0x3030_3030_3030_3030);
+    // No borrow crosses the n digit bytes; the bytes above are shifted out.
+    let v = v.wrapping_sub(0x3030_3030_3030_3030) << (64 - 8 * n);
     let v = v.wrapping_mul(10).wrapping_add(v >> 8);
     let hi = (v & mask).wrapping_mul(0x000F_4240_0000_0064);
     let lo = ((v >> 16) & mask).wrapping_mul(0x0000_2710_0000_0001);
     hi.wrapping_add(lo) >> 32
 }
 
-/// Reads the digits at `i` into `d` (eight at a time while they fit);
+/// 10^n for n in 0..=8.
+const POW10_U64: [u64; 9] = [
+    1,
+    10,
+    100,
+    1_000,
+    10_000,
+    100_000,
+    1_000_000,
+    10_000_000,
+    100_000_000,
+];
+
+/// Reads the digits at `i` into `d` (up to eight per step while they fit);
 /// returns the index past them. Digits beyond what a u64 holds scale
 /// the exponent (integer part) or are dropped (fraction); a nonzero one
 /// makes the value inexact.
@@ -478,14 +496,18 @@ fn digits(b: &[u8], mut i: usize, d: &mut Decimal<'_>, fraction: bool) -> usize 
     while d.mantissa < ROOM_8 {
         let Some(chunk) = b.get(i..i + 8) else { break };
         let v = u64::from_le_bytes(chunk.try_into().unwrap_or_default());
-        if !eight_digits(v) {
-            break;
+        let n = leading_digits(v);
+        if n == 0 {
+            return i;
         }
-        d.mantissa = d.mantissa * 100_000_000 + eight_digit_value(v);
+        d.mantissa = d.mantissa * POW10_U64[n] + digits_value(v, n);
         if fraction {
-            d.exp10 -= 8;
+            d.exp10 -= n as i64;
         }
-        i += 8;
+        i += n;
+        if n < 8 {
+            return i;
+        }
     }
     while let Some(&c) = b.get(i).filter(|c| c.is_ascii_digit()) {
         if d.mantissa < ROOM_1 {
@@ -781,7 +803,41 @@ fn read_elements<T: Element>(
         out.push(v);
         return Ok(());
     }
-    r.array(|r| read_elements(r, out, limit))
+    // `Reader::array` with the scalar item read in place (the common,
+    // flat case costs no call per element); nested arrays recurse.
+    r.eat(b'[')?;
+    r.enter()?;
+    if r.peek() == Some(b']') {
+        r.pos += 1;
+        r.depth -= 1;
+        return Ok(());
+    }
+    loop {
+        if r.buf.get(r.pos) == Some(&b'[') {
+            read_elements(r, out, limit)?;
+        } else {
+            if out.len() >= limit {
+                return Err(DataError::TooMany(limit));
+            }
+            let v = T::read(r).map_err(|msg| DataError::Element {
+                index: out.len(),
+                msg,
+            })?;
+            out.push(v);
+        }
+        match r.peek() {
+            Some(b',') => {
+                r.pos += 1;
+                r.ws();
+            }
+            Some(b']') => {
+                r.pos += 1;
+                r.depth -= 1;
+                return Ok(());
+            }
+            _ => return Err(r.unexpected("expected `,` or `]`").into()),
+        }
+    }
 }
 
 /// Reads a tensor's `data` of datatype `dt` at the reader's position into
@@ -926,6 +982,13 @@ mod tests {
         assert_eq!(d, Data::F32(vec![1.0, 2.5, 3.0, 4.0]));
         assert_eq!(data(" 7 ", DataType::I32, 1).unwrap(), Data::I32(vec![7]));
         assert_eq!(data("[]", DataType::I32, 1).unwrap(), Data::I32(vec![]));
+        // Scalars and arrays may mix at any level; empty ones add nothing.
+        let d = data(" [ 1 ,[2, [3]] , [ ] ,4 ] ", DataType::F32, 9).unwrap();
+        assert_eq!(d, Data::F32(vec![1.0, 2.0, 3.0, 4.0]));
+        assert!(matches!(
+            data("[[1, 2], 3]", DataType::F32, 2),
+            Err(DataError::TooMany(2))
+        ));
     }
 
     #[test]
@@ -1122,10 +1185,15 @@ mod tests {
             s ^= s << 17;
             s
         };
+        // Twice: the first copy has bytes after it (read eight at a
+        // time), the second ends the document (read one by one).
         let check32 = |text: &str| {
             let want = text.parse::<f32>().ok().filter(|x| x.is_finite());
-            let got = match data(&format!("[{text}]"), DataType::F32, 1) {
-                Ok(Data::F32(v)) => Some(v[0]),
+            let got = match data(&format!("[{text},{text}]"), DataType::F32, 2) {
+                Ok(Data::F32(v)) => {
+                    assert_eq!(v[0].to_bits(), v[1].to_bits(), "{text}");
+                    Some(v[0])
+                }
                 Ok(other) => panic!("{other:?}"),
                 Err(e) => {
                     assert!(e.to_string().contains("out of range"), "{text}: {e}");
@@ -1136,8 +1204,11 @@ mod tests {
         };
         let check64 = |text: &str| {
             let want = text.parse::<f64>().ok().filter(|x| x.is_finite());
-            let got = match data(&format!("[{text}]"), DataType::F64, 1) {
-                Ok(Data::F64(v)) => Some(v[0]),
+            let got = match data(&format!("[{text},{text}]"), DataType::F64, 2) {
+                Ok(Data::F64(v)) => {
+                    assert_eq!(v[0].to_bits(), v[1].to_bits(), "{text}");
+                    Some(v[0])
+                }
                 Ok(other) => panic!("{other:?}"),
                 Err(_) => None,
             };
@@ -1212,6 +1283,42 @@ mod tests {
         ] {
             check32(text);
             check64(text);
+        }
+    }
+
+    /// The eight-bytes-at-a-time digit reader against a byte-by-byte
+    /// one, on every mix of digits and the bytes around them.
+    #[test]
+    fn digit_runs_read_eight_at_a_time() {
+        let others = [
+            b'.', b'/', b':', b'e', b',', b']', b' ', b'-', 0x00, 0x80, 0xB9, 0xFF,
+        ];
+        let mut s: u64 = 0x9e37_79b9_7f4a_7c15;
+        for case in 0..200_000u32 {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            let mut bytes = s.to_le_bytes();
+            for (k, b) in bytes.iter_mut().enumerate() {
+                let r = (s >> (k * 5)) as usize;
+                *b = if (case as usize + r).is_multiple_of(3) {
+                    others[r % others.len()]
+                } else {
+                    b'0' + (*b % 10)
+                };
+            }
+            if case % 7 == 0 {
+                bytes = *b"12345678";
+            }
+            let v = u64::from_le_bytes(bytes);
+            let n = bytes.iter().take_while(|b| b.is_ascii_digit()).count();
+            assert_eq!(leading_digits(v), n, "{bytes:?}");
+            if n > 0 {
+                let want = bytes[..n]
+                    .iter()
+                    .fold(0u64, |acc, b| acc * 10 + u64::from(b - b'0'));
+                assert_eq!(digits_value(v, n), want, "{bytes:?}");
+            }
         }
     }
 

@@ -3,6 +3,7 @@
 //! `binary_data_size`, `binary_data`, `binary_data_output`), plus the
 //! classification extension (`parameters.classification` on an output).
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Deserialize;
@@ -90,15 +91,21 @@ impl From<JsonError> for BadRequest {
     }
 }
 
-/// Refuses a key that an object already had.
-fn first_time(seen: &mut Vec<String>, key: &str, at: &str) -> Result<(), BadRequest> {
-    if seen.iter().any(|k| k == key) {
+/// Refuses a key that an object already had (keys are borrowed from the
+/// body unless they had escapes).
+fn first_time<'a>(
+    seen: &mut Vec<Cow<'a, str>>,
+    key: Cow<'a, str>,
+    at: impl FnOnce() -> String,
+) -> Result<(), BadRequest> {
+    if seen.contains(&key) {
         return Err(bad(format!(
-            "{at}invalid inference request JSON: duplicate field {:?}",
-            truncate(key)
+            "{}invalid inference request JSON: duplicate field {:?}",
+            at(),
+            truncate(&key)
         )));
     }
-    seen.push(key.to_string());
+    seen.push(key);
     Ok(())
 }
 
@@ -117,7 +124,7 @@ fn read_request<'a>(
     let mut req = RawRequest::default();
     let mut seen = Vec::new();
     r.object(|r, key| -> Result<(), BadRequest> {
-        first_time(&mut seen, &key, "")?;
+        first_time(&mut seen, key.clone(), String::new)?;
         let field = |e| field_error("", &key, e);
         match &*key {
             "id" => req.id = r.value().map_err(field)?,
@@ -152,15 +159,20 @@ fn read_request<'a>(
 fn read_input<'a>(r: &mut Reader<'a>, sig: &Signature) -> Result<RawInput<'a>, BadRequest> {
     let mut input = RawInput::default();
     let mut seen = Vec::new();
-    r.object(|r, key| -> Result<(), BadRequest> {
-        let at = match &input.name {
+    // The error prefix, built only on errors: "input: " until the name
+    // is known.
+    fn at(name: &Option<String>) -> String {
+        match name {
             Some(n) => format!("input {:?}: ", truncate(n)),
             None => "input: ".to_string(),
-        };
-        first_time(&mut seen, &key, &at)?;
-        let field = |e| field_error(&at, &key, e);
+        }
+    }
+    r.object(|r, key| -> Result<(), BadRequest> {
+        first_time(&mut seen, key.clone(), || at(&input.name))?;
+        let field = |e| field_error(&at(&input.name), &key, e);
         match &*key {
-            "name" => input.name = Some(r.value().map_err(field)?),
+            // No name yet: a second one is refused above.
+            "name" => input.name = Some(r.value().map_err(|e| field_error("input: ", &key, e))?),
             "shape" => input.shape = Some(r.value().map_err(field)?),
             "datatype" => input.datatype = Some(r.value().map_err(field)?),
             "parameters" => input.parameters = r.value().map_err(field)?,
@@ -175,7 +187,8 @@ fn read_input<'a>(r: &mut Reader<'a>, sig: &Signature) -> Result<RawInput<'a>, B
             }
             k => {
                 return Err(bad(format!(
-                    "{at}invalid inference request JSON: unknown field {:?}",
+                    "{}invalid inference request JSON: unknown field {:?}",
+                    at(&input.name),
                     truncate(k)
                 )))
             }

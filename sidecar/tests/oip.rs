@@ -173,6 +173,30 @@ async fn metadata_health_index_and_routing() {
     assert_eq!(m1["versions"], json!(["1"]));
     assert_eq!(m1["inputs"][0]["shape"], json!([-1, 3, 32, 32]));
 
+    // Triton's model configuration, as perf_analyzer reads it: dims
+    // without the batch dimension when the model batches.
+    let c = get(addr, "/v2/models/digits-mlp/config").await.unwrap();
+    assert_eq!(c.status, 200);
+    let c = c.json();
+    assert_eq!(c["max_batch_size"], 32);
+    assert_eq!(
+        c["input"],
+        json!([{"name": "input", "data_type": "TYPE_FP32", "dims": [784]}])
+    );
+    assert_eq!(
+        c["output"][0],
+        json!({"name": "label", "data_type": "TYPE_INT64", "dims": []})
+    );
+    let c1 = get(addr, "/v2/models/tiny-cnn/versions/1/config")
+        .await
+        .unwrap()
+        .json();
+    assert_eq!(c1["input"][0]["dims"], json!([3, 32, 32]));
+    assert_eq!(
+        get(addr, "/v2/models/nope/config").await.unwrap().status,
+        404
+    );
+
     let r = get(addr, "/v2/models/digits-forest/versions/2/ready")
         .await
         .unwrap();
