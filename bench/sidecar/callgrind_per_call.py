@@ -11,7 +11,7 @@ import sys
 
 def main() -> None:
     path, function = sys.argv[1], sys.argv[2]
-    text = subprocess.run(["callgrind_annotate", "--tree=caller", path],
+    text = subprocess.run(["callgrind_annotate", "--tree=caller", "--threshold=100", path],
                           capture_output=True, text=True, check=True).stdout
     lines = text.splitlines()
     total = next(int(m.group(1).replace(",", "")) for line in lines
