@@ -40,12 +40,31 @@ fn build(ctx: &ParsingContext, node: &NodeProto) -> Built {
             ),
         };
     }
+    let kernel: TVec<usize> = node.get_attr_tvec("kernel_shape")?;
+    let dilations: Option<TVec<usize>> = node.get_attr_opt_tvec("dilations")?;
+    let strides: Option<TVec<usize>> = node.get_attr_opt_tvec("strides")?;
+    // tract indexes these per kernel axis and divides by strides.
+    for (name, values) in [
+        ("kernel_shape", Some(&kernel)),
+        ("dilations", dilations.as_ref()),
+        ("strides", strides.as_ref()),
+    ] {
+        if let Some(v) = values {
+            if v.len() != kernel.len() || v.contains(&0) {
+                bail!(
+                    "MaxPool node {:?}: {name} {v:?} for a {}-D kernel",
+                    node.name,
+                    kernel.len()
+                );
+            }
+        }
+    }
     let spec = PoolSpec::new(
         DataFormat::NCHW,
-        node.get_attr_tvec("kernel_shape")?,
+        kernel,
         padding(node)?,
-        node.get_attr_opt_tvec("dilations")?,
-        node.get_attr_opt_tvec("strides")?,
+        dilations,
+        strides,
         0,
         0,
     );
@@ -559,6 +578,36 @@ mod tests {
         assert!(!ops.iter().any(|o| o == "MaxPool2d"), "{ops:?}");
         assert_eq!(got.len(), 2);
         assert!(got.iter().zip(&want).all(|(g, w)| **g == **w));
+    }
+
+    /// Attributes tract would index out of range or divide by: a load
+    /// error naming the attribute, not a panic.
+    #[test]
+    fn malformed_attributes_fail_the_load() {
+        for (attrs, named) in [
+            (
+                vec![ints("kernel_shape", &[2, 2]), ints("strides", &[0, 1])],
+                "strides",
+            ),
+            (
+                vec![ints("kernel_shape", &[2, 2]), ints("strides", &[2])],
+                "strides",
+            ),
+            (vec![ints("kernel_shape", &[2, 0])], "kernel_shape"),
+            (
+                vec![ints("kernel_shape", &[2, 2]), ints("dilations", &[1, 1, 1])],
+                "dilations",
+            ),
+            (
+                vec![ints("kernel_shape", &[2, 2]), ints("pads", &[1, 1])],
+                "pads",
+            ),
+        ] {
+            let err = crate::engine::onnx()
+                .model_for_proto_model(&pool_model(attrs, &["y"]))
+                .expect_err(named);
+            assert!(format!("{err:?}").contains(named), "{named}: {err:?}");
+        }
     }
 
     #[test]
