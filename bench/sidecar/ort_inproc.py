@@ -1,7 +1,9 @@
 """onnxruntime in-process: session.run on batch 1 in a loop, one thread
 (intra- and inter-op threads 1). The floor for a Python server.
 
-usage: ort_inproc.py MODEL.onnx BODY.json SECONDS
+usage: ort_inproc.py MODEL.onnx BODY.json SECONDS [BATCH]
+BATCH (default 1) repeats the body's rows to that many, as engine_bench's
+--batch does.
 Prints one JSON line: calls, req_s, p50_us, p99_us, mean_us."""
 import json
 import sys
@@ -15,6 +17,7 @@ DTYPES = {"FP32": np.float32, "FP64": np.float64, "INT64": np.int64, "INT32": np
 
 def main() -> None:
     model, body_path, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+    batch = int(sys.argv[4]) if len(sys.argv) > 4 else 1
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     opts.inter_op_num_threads = 1
@@ -23,6 +26,8 @@ def main() -> None:
         body = json.load(f)
     feeds = {i["name"]: np.asarray(i["data"], dtype=DTYPES[i["datatype"]]).reshape(i["shape"])
              for i in body["inputs"]}
+    if batch != 1:
+        feeds = {k: np.resize(v, (batch,) + v.shape[1:]) for k, v in feeds.items()}
     warm = time.perf_counter() + 0.5
     while time.perf_counter() < warm:
         sess.run(None, feeds)

@@ -18,6 +18,16 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
 
 use crate::model_repo::{ModelConfig, TensorSpec};
+
+mod max_pool;
+
+/// tract-onnx's ONNX parser with the project's ops registered: the tree
+/// ensembles (`onnx_ml_ops`) and a row-wise 2-D `MaxPool`.
+pub fn onnx() -> tract_onnx::Onnx {
+    let mut onnx = onnx_ml_ops::onnx();
+    max_pool::register(&mut onnx.op_register);
+    onnx
+}
 use crate::tensor::{Data, DataType};
 
 /// Loading or running a model failed.
@@ -205,7 +215,7 @@ impl Engine {
     /// Loads `path`, checks it against `config`, optimises it for a batch
     /// dimension `N` in `1..=max_batch_size` (one plan for all sizes).
     pub fn load(path: &Path, config: &ModelConfig) -> Result<Engine, EngineError> {
-        let mut model = onnx_ml_ops::onnx()
+        let mut model = onnx()
             .model_for_path(path)
             .map_err(|e| EngineError::Load(boxed(e)))?;
         let n_inputs = model
