@@ -97,6 +97,8 @@ struct Pair {
     started_ms: u64,
     baseline: Option<Answer>,
     candidate: Option<Answer>,
+    /// The client's stream ended without a complete answer.
+    lost: bool,
 }
 
 /// The client's answer to a mirrored request, as the stream sees it.
@@ -583,6 +585,7 @@ impl Canary {
                 started_ms: filter_shim::now_ms(&crate::Host),
                 baseline: None,
                 candidate: None,
+                lost: false,
             },
         );
         Some(id)
@@ -645,12 +648,17 @@ impl Canary {
 
     /// The stream ended before its answer was complete.
     pub fn capture_lost(&self, cap: Capture) {
-        if let Some(p) = self.pairs.borrow_mut().remove(&cap.pair) {
-            if p.candidate.is_some() {
-                self.metrics.shadow_not_compared(p.split, "no_baseline");
-            }
-            // Without the candidate's answer yet, the callout's end
-            // finds no pair and counts nothing more.
+        let mut pairs = self.pairs.borrow_mut();
+        let Some(p) = pairs.get_mut(&cap.pair) else {
+            return;
+        };
+        if p.candidate.is_some() {
+            let split = p.split;
+            pairs.remove(&cap.pair);
+            self.metrics.shadow_not_compared(split, "no_baseline");
+        } else {
+            // The candidate's answer, when it comes, is counted as such.
+            p.lost = true;
         }
     }
 
@@ -673,6 +681,12 @@ impl Canary {
                 p.baseline = Some(answer);
             } else {
                 p.candidate = Some(answer);
+            }
+            if p.lost && p.candidate.is_some() {
+                let split = p.split;
+                pairs.remove(&pair);
+                self.metrics.shadow_not_compared(split, "no_baseline");
+                return;
             }
             if p.baseline.is_some() && p.candidate.is_some() {
                 pairs.remove(&pair)
