@@ -140,17 +140,26 @@ impl<'a> Reader<'a> {
         Ok(())
     }
 
+    /// Opens a container at `open`; `true` if it is empty (its `close`
+    /// already read and the depth restored).
+    fn open(&mut self, open: u8, close: u8) -> Result<bool, JsonError> {
+        self.eat(open)?;
+        self.enter()?;
+        if self.peek() == Some(close) {
+            self.pos += 1;
+            self.depth -= 1;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
     /// Reads an object, calling `member` with each key; `member` must
     /// consume the value.
     pub fn object<E: From<JsonError>>(
         &mut self,
         mut member: impl FnMut(&mut Self, Cow<'a, str>) -> Result<(), E>,
     ) -> Result<(), E> {
-        self.eat(b'{')?;
-        self.enter()?;
-        if self.peek() == Some(b'}') {
-            self.pos += 1;
-            self.depth -= 1;
+        if self.open(b'{', b'}')? {
             return Ok(());
         }
         loop {
@@ -178,11 +187,7 @@ impl<'a> Reader<'a> {
         &mut self,
         mut item: impl FnMut(&mut Self) -> Result<(), E>,
     ) -> Result<(), E> {
-        self.eat(b'[')?;
-        self.enter()?;
-        if self.peek() == Some(b']') {
-            self.pos += 1;
-            self.depth -= 1;
+        if self.open(b'[', b']')? {
             return Ok(());
         }
         loop {
@@ -805,11 +810,7 @@ fn read_elements<T: Element>(
     }
     // `Reader::array` with the scalar item read in place (the common,
     // flat case costs no call per element); nested arrays recurse.
-    r.eat(b'[')?;
-    r.enter()?;
-    if r.peek() == Some(b']') {
-        r.pos += 1;
-        r.depth -= 1;
+    if r.open(b'[', b']')? {
         return Ok(());
     }
     loop {

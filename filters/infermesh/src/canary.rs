@@ -104,6 +104,8 @@ struct Pair {
 /// The client's answer to a mirrored request, as the stream sees it.
 pub struct Capture {
     pair: u64,
+    /// The split's `max_body_bytes`: a longer answer is not compared.
+    limit: usize,
     status: u32,
     body: Vec<u8>,
     too_large: bool,
@@ -593,8 +595,15 @@ impl Canary {
 
     /// The stream's capture of the client's answer to a copied request.
     pub fn capture(&self, copy: &Copy) -> Option<Capture> {
+        let limit = self
+            .cfg
+            .splits
+            .get(copy.split)
+            .and_then(|s| s.shadow.as_ref())
+            .map_or(0, |sh| sh.max_body_bytes as usize);
         copy.pair.map(|pair| Capture {
             pair,
+            limit,
             status: 0,
             body: Vec::new(),
             too_large: false,
@@ -624,15 +633,8 @@ impl Canary {
         body_size: usize,
         end_of_stream: bool,
     ) -> Option<Capture> {
-        let cap_bytes = self
-            .pairs
-            .borrow()
-            .get(&cap.pair)
-            .and_then(|p| self.cfg.splits.get(p.split))
-            .and_then(|s| s.shadow.as_ref())
-            .map_or(0, |sh| sh.max_body_bytes as usize);
         if !cap.too_large && body_size > 0 {
-            if cap.body.len().saturating_add(body_size) > cap_bytes {
+            if cap.body.len().saturating_add(body_size) > cap.limit {
                 cap.too_large = true;
                 cap.body = Vec::new();
             } else if let Some(chunk) = ctx.get_http_response_body(0, body_size) {
