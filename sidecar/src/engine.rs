@@ -9,6 +9,12 @@
 //! 15-36 % on the example MLP and CNN, but from batch 8 on tract picks
 //! matmul kernels for the known size that cost 1-25 % more than the ones
 //! it runs for a symbolic size, so larger batches stay symbolic.
+//!
+//! Models with a convolution are the exception: tract convolves a batch
+//! of one over a lazy im2col and any larger batch over a copied one, so
+//! their batches run row by row on the batch-1 plan (1.6-1.9x the
+//! throughput of the batch plan for the example CNN at batch 32 in the
+//! sidecar, BENCHMARKS.md).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -79,6 +85,8 @@ pub struct Engine {
     signature: Signature,
     /// Per-batch-size plans; `None` when the model has no batch dimension.
     concrete: Option<Arc<ConcretePlans>>,
+    /// Runs batches row by row on the batch-1 plan (see [`row_by_row`]).
+    rows: bool,
 }
 
 /// Plans for concrete batch sizes, made from the decluttered symbolic
@@ -400,6 +408,7 @@ impl Engine {
             .into_optimized()
             .and_then(|m| m.into_runnable())
             .map_err(|e| EngineError::Load(boxed(e)))?;
+        let rows = max_batch_size > 0 && row_by_row(&typed, &batch);
         let concrete = (max_batch_size > 0).then(|| {
             Arc::new(ConcretePlans {
                 model: typed,
@@ -415,6 +424,7 @@ impl Engine {
                 max_batch_size,
             },
             concrete,
+            rows,
         })
     }
 
@@ -422,7 +432,10 @@ impl Engine {
     /// (ahead of traffic, or in tests); false when the model has no batch
     /// dimension, the size gets no concrete plan, or tract cannot
     /// specialise it.
+    /// For a model that runs row by row, every size is served by the
+    /// batch-1 plan, which is the one built.
     pub fn prepare(&self, batch: usize) -> bool {
+        let batch = if self.rows && batch > 1 { 1 } else { batch };
         match &self.concrete {
             Some(c) if (1..=CONCRETE_MAX_BATCH).contains(&batch) => c.prepare(batch),
             _ => false,
@@ -434,6 +447,12 @@ impl Engine {
     pub fn without_concrete_plans(mut self) -> Engine {
         self.concrete = None;
         self
+    }
+
+    /// Whether batches run row by row on the batch-1 plan (models with a
+    /// convolution; see `row_by_row`).
+    pub fn runs_row_by_row(&self) -> bool {
+        self.rows && self.concrete.is_some()
     }
 
     /// The batch sizes that have a concrete-shape plan ready.
@@ -476,10 +495,15 @@ impl Engine {
         for t in inputs {
             values.push(to_tract(t)?.into_tvalue());
         }
-        let outs = self
-            .plan_for(batch)
-            .run(values)
-            .map_err(|e| EngineError::Run(boxed(e)))?;
+        let row_plan = match (&self.concrete, batch) {
+            (Some(c), Some(b)) if self.rows && b > 1 => c.get_or_start(1),
+            _ => None,
+        };
+        let outs = match (row_plan, batch) {
+            (Some(plan), Some(b)) => run_rows(&plan, &values, b),
+            _ => self.plan_for(batch).run(values),
+        }
+        .map_err(|e| EngineError::Run(boxed(e)))?;
         if outs.len() != self.signature.outputs.len() {
             return Err(EngineError::Output(format!(
                 "{} outputs, expected {}",
@@ -489,6 +513,53 @@ impl Engine {
         }
         outs.iter().map(|t| from_tract(t)).collect()
     }
+}
+
+/// Whether batches of this model run faster row by row on its batch-1
+/// plan than on a plan for the whole batch: true for models with a
+/// convolution, whose outputs all have the batch dimension first. tract
+/// runs a convolution at batch 1 over a lazy im2col that reads the image
+/// where it lies; at any larger batch (concrete or symbolic) it copies
+/// every patch out first, which costs 1.5x the instructions per image
+/// (BENCHMARKS.md).
+fn row_by_row(model: &TypedModel, batch: &Symbol) -> bool {
+    let has_conv = model
+        .nodes()
+        .iter()
+        .any(|n| n.op_is::<tract_onnx::tract_core::ops::cnn::Conv>());
+    let batched_outputs = model.output_outlets().is_ok_and(|outs| {
+        outs.iter().all(|o| {
+            model
+                .outlet_fact(*o)
+                .is_ok_and(|f| f.shape.dims().first() == Some(&TDim::Sym(batch.clone())))
+        })
+    });
+    has_conv && batched_outputs
+}
+
+/// One run per row of the inputs' first dimension on `plan`, outputs
+/// stacked back along it.
+fn run_rows(
+    plan: &Arc<TypedRunnableModel>,
+    inputs: &[TValue],
+    batch: usize,
+) -> TractResult<TVec<TValue>> {
+    let mut per_output: Vec<Vec<tract_onnx::prelude::Tensor>> = Vec::new();
+    for row in 0..batch {
+        let one: TVec<TValue> = inputs
+            .iter()
+            .map(|t| t.slice(0, row, row + 1).map(|t| t.into_tvalue()))
+            .collect::<TractResult<_>>()?;
+        let outs = plan.run(one)?;
+        per_output.resize_with(outs.len(), || Vec::with_capacity(batch));
+        for (i, o) in outs.into_iter().enumerate() {
+            per_output[i].push(o.into_tensor());
+        }
+    }
+    per_output
+        .iter()
+        .map(|parts| tract_onnx::prelude::Tensor::stack_tensors(0, parts).map(|t| t.into_tvalue()))
+        .collect()
 }
 
 fn outlet_name<F, O>(model: &Graph<F, O>, input: bool, i: usize) -> Result<String, EngineError>

@@ -280,6 +280,13 @@ impl Registry {
             .await
             .map_err(|_| EngineError::Signature("engine panicked while loading".into()))??;
         let signature = engine.signature().clone();
+        if engine.runs_row_by_row() {
+            tracing::info!(
+                model = %spec.name,
+                version = %spec.version,
+                "batches run row by row on the batch-1 plan (the model has a convolution)"
+            );
+        }
         let policy = Policy {
             max_batch_size: signature.max_batch_size,
             batching: spec.config.batching,

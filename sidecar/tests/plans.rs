@@ -2,7 +2,9 @@
 //! the symbolic plan (the first run of a batch size) and a run on the plan
 //! built for that batch size both match the reference outputs
 //! (onnxruntime's) within the reference tolerance, at batch 1 and 4;
-//! batch 32 (symbolic only) too.
+//! batch 32 (symbolic only) too. A model with a convolution runs its
+//! batches row by row on the batch-1 plan; its runs are checked the same
+//! way.
 
 mod common;
 
@@ -91,41 +93,64 @@ fn concrete_plans_match_the_reference_at_batch_1_4_and_32() {
             let most = given.iter().max_by_key(|c| rows(c)).unwrap();
             let cases = [one.clone(), resized(most, 4), resized(most, 32)];
             let (engine, config) = load(model, version);
+            // A model with a convolution runs every batch row by row on
+            // its batch-1 plan: that is the one plan it builds.
+            let rows_model = engine.runs_row_by_row();
             let mut sizes = Vec::new();
             for case in &cases {
                 let batch = case["inputs"]["input"]["shape"][0].as_u64().unwrap() as usize;
                 let request = case_request(case);
                 let what = format!("{model}@{version} {}", case["name"]);
-                // The first run of a size is on the symbolic plan.
+                // The first run of a size is on the symbolic plan (row by
+                // row once the batch-1 plan is there).
                 assert!(!engine.concrete_batch_sizes().contains(&batch), "{what}");
-                let symbolic = infer(&engine, &config, &request);
-                assert_matches(&symbolic, case, tol, &format!("{what} (symbolic)"));
-                if batch > CONCRETE_MAX_BATCH {
+                let first = infer(&engine, &config, &request);
+                assert_matches(&first, case, tol, &format!("{what} (first run)"));
+                if batch > CONCRETE_MAX_BATCH && !rows_model {
                     assert!(!engine.prepare(batch), "{what}: a plan past the bound");
                     continue;
                 }
                 assert!(engine.prepare(batch), "{what}: no concrete plan");
-                sizes.push(batch);
-                sizes.sort_unstable();
+                if rows_model {
+                    sizes = vec![1];
+                } else {
+                    sizes.push(batch);
+                    sizes.sort_unstable();
+                }
                 assert_eq!(engine.concrete_batch_sizes(), sizes, "{what}");
                 let concrete = infer(&engine, &config, &request);
-                assert_matches(&concrete, case, tol, &format!("{what} (concrete)"));
+                let how = if rows_model { "row by row" } else { "concrete" };
+                assert_matches(&concrete, case, tol, &format!("{what} ({how})"));
             }
         }
     }
 }
 
+/// Which example models run row by row: those with a convolution (the
+/// CNNs), not the MLP, the linear models or the tree ensembles.
+#[test]
+fn models_with_a_convolution_run_row_by_row() {
+    let rows: Vec<String> = model_names()
+        .into_iter()
+        .filter(|m| load(m, "1").0.runs_row_by_row())
+        .collect();
+    assert_eq!(rows, ["tiny-cnn"], "models that run row by row");
+    // Without concrete plans there is no batch-1 plan to run rows on.
+    let (engine, _) = load("tiny-cnn", "2");
+    assert!(!engine.without_concrete_plans().runs_row_by_row());
+}
+
 #[test]
 fn concrete_plans_are_bounded_and_other_sizes_still_run() {
-    let (engine, config) = load("tiny-cnn", "1");
-    let case = reference("tiny-cnn", "1")["cases"]
+    let (engine, config) = load("digits-mlp", "1");
+    let case = reference("digits-mlp", "1")["cases"]
         .as_array()
         .unwrap()
         .iter()
         .find(|c| c["inputs"]["input"]["shape"][0] == 1)
         .unwrap()
         .clone();
-    let tol = reference("tiny-cnn", "1")["tolerance"].clone();
+    let tol = reference("digits-mlp", "1")["tolerance"].clone();
     for batch in 1..=CONCRETE_MAX_BATCH {
         assert!(engine.prepare(batch), "batch {batch}");
     }
