@@ -153,6 +153,8 @@ struct Node {
 }
 
 const FEATURE_MASK: u32 = 0x00FF_FFFF;
+/// Tree walks run interleaved, this many at a time.
+const LANES: usize = 8;
 const MODE_SHIFT: u32 = 24;
 const MISSING_TRUE: u32 = 1 << 28;
 /// Feature indices must fit in the 24 bits of `Node::meta`.
@@ -621,36 +623,6 @@ impl Ensemble {
         self.nodes.len()
     }
 
-    /// The leaf a row ends in, as a range into the leaf arrays.
-    #[inline(always)]
-    fn walk<T: Feature, const M: u8, const MISSING: bool>(
-        &self,
-        root: u32,
-        row: &[T],
-    ) -> (usize, usize) {
-        let mut i = root as usize;
-        loop {
-            // Indices were checked at build time and rows are at least
-            // n_features long, so these lookups never fail; a failure
-            // would be a bug, reported by the slice bounds check.
-            let n = self.nodes[i];
-            let mode = if M == u8::MAX {
-                Mode::from_bits((n.meta >> MODE_SHIFT) & 0xF)
-            } else if (n.meta >> MODE_SHIFT) & 0xF == Mode::Leaf as u32 {
-                Mode::Leaf
-            } else {
-                Mode::from_bits(u32::from(M))
-            };
-            if mode == Mode::Leaf {
-                return (n.a as usize, n.b as usize);
-            }
-            let x = row[(n.meta & FEATURE_MASK) as usize];
-            let go_true = compare(mode, x, n.threshold)
-                || (MISSING && n.meta & MISSING_TRUE != 0 && x.is_nan());
-            i = if go_true { n.a } else { n.b } as usize;
-        }
-    }
-
     /// Sums (or mins/maxes) the leaf weights of every tree for each row of
     /// `x` (`rows` rows of `cols` features) into `scores` (rows x
     /// n_targets) and marks in `has` which targets received a weight.
@@ -679,11 +651,27 @@ impl Ensemble {
         let minmax = matches!(self.aggregate, Aggregate::Min | Aggregate::Max);
         let is_min = self.aggregate == Aggregate::Min;
         // Trees outside, rows inside: one tree's nodes stay in cache while
-        // every row of the batch walks it.
-        for &root in &self.roots {
-            for r in 0..rows {
-                let row = &x[r * cols..(r + 1) * cols];
-                let (a, b) = self.walk::<T, M, MISSING>(root, row);
+        // every row of the batch walks it. The (tree, row) walks go
+        // LANES at a time, interleaved step by step: a walk is a chain
+        // of dependent loads and hard-to-predict branches, and
+        // independent chains let the CPU overlap them (one row: eight
+        // trees at once; a batch: eight rows of a tree).
+        let walks = self.roots.len() * rows;
+        let mut first = 0;
+        while first < walks {
+            let active = LANES.min(walks - first);
+            let mut idx = [0usize; LANES];
+            let mut lane_rows: [&[T]; LANES] = [&x[..0]; LANES];
+            let mut row_of = [0usize; LANES];
+            for l in 0..active {
+                let (t, r) = ((first + l) / rows, (first + l) % rows);
+                idx[l] = self.roots[t] as usize;
+                lane_rows[l] = &x[r * cols..(r + 1) * cols];
+                row_of[l] = r;
+            }
+            first += active;
+            let leaves = self.walk_lanes::<T, M, MISSING>(&mut idx, &lane_rows, active);
+            for (&r, &(a, b)) in row_of.iter().zip(&leaves).take(active) {
                 if nt == 1 {
                     // One target: like onnxruntime, a leaf counts with the
                     // sum of its weights, 0 when it has none (so MIN/MAX see
@@ -714,6 +702,48 @@ impl Ensemble {
                 }
             }
         }
+    }
+
+    /// Walks the first `active` lanes' trees (from `idx`, their roots) for
+    /// their rows, one step of each live walk per round; per lane, the
+    /// leaf it ends in as a range into the leaf arrays.
+    #[inline(always)]
+    fn walk_lanes<T: Feature, const M: u8, const MISSING: bool>(
+        &self,
+        idx: &mut [usize; LANES],
+        rows: &[&[T]; LANES],
+        active: usize,
+    ) -> [(usize, usize); LANES] {
+        let mut out = [(0, 0); LANES];
+        let mut live: u32 = (1u32 << active) - 1;
+        while live != 0 {
+            for l in 0..LANES {
+                if live & (1 << l) == 0 {
+                    continue;
+                }
+                // Indices were checked at build time and rows are at least
+                // n_features long, so these lookups never fail; a failure
+                // would be a bug, reported by the slice bounds check.
+                let n = self.nodes[idx[l]];
+                let mode = if M == u8::MAX {
+                    Mode::from_bits((n.meta >> MODE_SHIFT) & 0xF)
+                } else if (n.meta >> MODE_SHIFT) & 0xF == Mode::Leaf as u32 {
+                    Mode::Leaf
+                } else {
+                    Mode::from_bits(u32::from(M))
+                };
+                if mode == Mode::Leaf {
+                    out[l] = (n.a as usize, n.b as usize);
+                    live &= !(1 << l);
+                    continue;
+                }
+                let x = rows[l][(n.meta & FEATURE_MASK) as usize];
+                let go_true = compare(mode, x, n.threshold)
+                    || (MISSING && n.meta & MISSING_TRUE != 0 && x.is_nan());
+                idx[l] = if go_true { n.a } else { n.b } as usize;
+            }
+        }
+        out
     }
 
     /// Runs a regressor: returns rows x n_targets values.
