@@ -155,27 +155,6 @@ fn canary(shadow_extra: Value, guard: Option<Value>, schedule: Option<Value>) ->
     json!({"splits": [split]})
 }
 
-fn rfc3339(t: SystemTime) -> String {
-    let secs = t.duration_since(UNIX_EPOCH).expect("clock").as_secs();
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3_600,
-        rem / 60 % 60,
-        rem % 60
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agreement_of_version_2_matches_onnxruntime_and_an_identical_candidate_reads_100() {
     let _bin = require_envoy!(
@@ -244,7 +223,8 @@ async fn the_promotion_gate_holds_the_schedule_until_agreement_is_reached() {
     let _bin = require_envoy!("the_promotion_gate_holds_the_schedule_until_agreement_is_reached");
     let cases = cases();
     // The schedule's step to 50% has come before any request.
-    let start = rfc3339(SystemTime::now() - Duration::from_secs(60));
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock");
+    let start = mesh::rfc3339_utc(now.as_secs().saturating_sub(60));
     let schedule = json!({"start": start, "steps": [{"after_s": 0, "weights": {"2": 50}}]});
     let guard = json!({"min_shadow_agreement": 99, "min_shadow_samples": 100});
 
