@@ -545,12 +545,15 @@ fn run_rows(
     batch: usize,
 ) -> TractResult<TVec<TValue>> {
     let mut per_output: Vec<Vec<tract_onnx::prelude::Tensor>> = Vec::new();
+    // One state for every row: a run resets its values but keeps the op
+    // states, which a fresh state per row would rebuild.
+    let mut state = plan.spawn()?;
     for row in 0..batch {
         let one: TVec<TValue> = inputs
             .iter()
             .map(|t| t.slice(0, row, row + 1).map(|t| t.into_tvalue()))
             .collect::<TractResult<_>>()?;
-        let outs = plan.run(one)?;
+        let outs = state.run(one)?;
         per_output.resize_with(outs.len(), || Vec::with_capacity(batch));
         for (i, o) in outs.into_iter().enumerate() {
             per_output[i].push(o.into_tensor());
