@@ -1,8 +1,11 @@
 //! Dynamic batching for one model version: admit up to `capacity`
 //! outstanding requests, coalesce queued requests into one engine run (up
-//! to the preferred batch size or until the batching delay ends), run it on
-//! a blocking thread and hand each request its own rows back.
+//! to the preferred batch size or until the batching delay ends), run it
+//! (inline when it is known to be short, else on a blocking thread) and
+//! hand each request its own rows back.
 
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,6 +16,41 @@ use crate::engine::{Engine, EngineError, Tensor};
 use crate::metrics::Metrics;
 use crate::model_repo::Batching;
 use crate::tensor::Data;
+
+/// Engine runs expected to take at most this long run on the async worker
+/// that formed the batch instead of a blocking thread: the hand-off to a
+/// blocking thread and back costs two context switches and two wake-ups,
+/// more than a small model's whole run (BENCHMARKS.md, "Short runs
+/// inline"). Within tokio's guidance for work between two awaits.
+const INLINE_MAX: Duration = Duration::from_micros(100);
+
+/// What one row of this version has cost the engine lately (an
+/// exponentially weighted mean, in nanoseconds; 0 until the first run).
+/// Shared by the version's batches; a lost update between two of them only
+/// skews the mean by one sample.
+#[derive(Debug, Default)]
+struct RowCost(AtomicU64);
+
+impl RowCost {
+    /// Whether a run of `rows` rows is expected to be short enough to run
+    /// inline. Unknown until a run was timed: the first run goes to a
+    /// blocking thread.
+    fn inline(&self, rows: usize) -> bool {
+        let per_row = self.0.load(Ordering::Relaxed);
+        per_row > 0 && per_row.saturating_mul(rows.max(1) as u64) <= INLINE_MAX.as_nanos() as u64
+    }
+
+    fn observe(&self, rows: usize, took: Duration) {
+        let sample = (took.as_nanos() / rows.max(1) as u128).clamp(1, u64::MAX as u128) as u64;
+        let old = self.0.load(Ordering::Relaxed);
+        let new = if old == 0 {
+            sample
+        } else {
+            old - old / 8 + sample / 8
+        };
+        self.0.store(new.max(1), Ordering::Relaxed);
+    }
+}
 
 /// Why a submitted request got no result.
 #[derive(Debug, thiserror::Error)]
@@ -123,6 +161,7 @@ async fn run_loop(
     mut rx: mpsc::Receiver<Job>,
 ) {
     let instances = Arc::new(Semaphore::new(policy.instances.max(1)));
+    let cost = Arc::new(RowCost::default());
     let max_rows = policy.max_batch_size.max(1);
     let (preferred, delay) = match (policy.max_batch_size, policy.batching) {
         (0, _) => (1, Duration::ZERO),
@@ -193,8 +232,9 @@ async fn run_loop(
         let metrics = metrics.clone();
         let labels = labels.clone();
         let batched = policy.max_batch_size > 0;
+        let cost = cost.clone();
         tokio::spawn(async move {
-            run_batch(engine, batch, rows, batched, &metrics, &labels).await;
+            run_batch(engine, batch, rows, batched, &cost, &metrics, &labels).await;
             drop(permit);
         });
     }
@@ -259,6 +299,7 @@ async fn run_batch(
     batch: Vec<Job>,
     rows: usize,
     batched: bool,
+    cost: &RowCost,
     metrics: &Metrics,
     labels: &[String; 2],
 ) {
@@ -318,11 +359,21 @@ async fn run_batch(
     };
 
     let started = std::time::Instant::now();
-    let result = tokio::task::spawn_blocking(move || engine.run(inputs)).await;
+    let result = if cost.inline(rows) {
+        std::panic::catch_unwind(AssertUnwindSafe(|| engine.run(inputs))).map_err(|_| ())
+    } else {
+        tokio::task::spawn_blocking(move || engine.run(inputs))
+            .await
+            .map_err(|_| ())
+    };
+    let took = started.elapsed();
+    if matches!(result, Ok(Ok(_))) {
+        cost.observe(rows, took);
+    }
     metrics
         .compute_duration
         .with_label_values(&labels)
-        .observe(started.elapsed().as_secs_f64());
+        .observe(took.as_secs_f64());
     let outputs = match result {
         Ok(Ok(o)) => o,
         Ok(Err(e)) => {
@@ -406,6 +457,25 @@ fn split_rows(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_runs_known_to_be_short_go_inline() {
+        let cost = RowCost::default();
+        assert!(!cost.inline(1), "no run timed yet: blocking thread");
+        cost.observe(4, Duration::from_micros(40)); // 10 us a row
+        assert!(cost.inline(1));
+        assert!(cost.inline(10));
+        assert!(!cost.inline(11), "11 rows x 10 us is over the inline limit");
+        // A slow run moves the mean an eighth of the way: 10 -> ~134 us a
+        // row, and nothing goes inline any more.
+        cost.observe(1, Duration::from_millis(1));
+        assert!(!cost.inline(1));
+        // Fast runs bring it back down.
+        for _ in 0..40 {
+            cost.observe(1, Duration::from_micros(5));
+        }
+        assert!(cost.inline(1));
+    }
 
     #[test]
     fn split_rows_hands_each_request_its_rows() {
