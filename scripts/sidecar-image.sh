@@ -19,16 +19,10 @@ profile=release
 if [ "${1:-}" = "--debug" ]; then profile=dev; shift; fi
 out="${1:-$root/dist/sidecar-oci}"
 
-if ! rustup target list --installed 2>/dev/null | grep -qx "$target"; then
-  rustup target add "$target"
-fi
-# musl's target is statically linked by default (crt-static). tract-linalg
-# assembles its x86_64 kernels with cc-rs, which wants musl-gcc for this
-# target (Debian's musl-tools; scripts/tools.sh image installs it).
-if ! command -v x86_64-linux-musl-gcc >/dev/null 2>&1 && ! command -v musl-gcc >/dev/null 2>&1; then
-  echo "sidecar-image.sh: musl-gcc not found (apt-get install musl-tools, or scripts/tools.sh image)" >&2
-  exit 1
-fi
+# musl's target is statically linked by default (crt-static). tools.sh
+# installs the rustup target and musl-gcc, with which tract-linalg
+# assembles its x86_64 kernels (cc-rs looks for it on this target).
+scripts/tools.sh image >&2
 cargo build --locked --target "$target" --profile "$profile" -p sidecar --bin infermesh-sidecar
 dir=$([ "$profile" = dev ] && echo debug || echo release)
 bin="target/$target/$dir/infermesh-sidecar"

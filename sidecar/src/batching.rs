@@ -43,12 +43,13 @@ impl RowCost {
     fn observe(&self, rows: usize, took: Duration) {
         let sample = (took.as_nanos() / rows.max(1) as u128).clamp(1, u64::MAX as u128) as u64;
         let old = self.0.load(Ordering::Relaxed);
+        // Never 0 again once a run was timed: sample and old - old/8 are >= 1.
         let new = if old == 0 {
             sample
         } else {
             old - old / 8 + sample / 8
         };
-        self.0.store(new.max(1), Ordering::Relaxed);
+        self.0.store(new, Ordering::Relaxed);
     }
 }
 
